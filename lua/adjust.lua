@@ -1,0 +1,42 @@
+-- adjust: add (grant) or correct credits and chat messages; the admin path.
+-- Goes through the same journal as spends, so a queued write can never land
+-- on top of a newer value in PostgreSQL.
+--
+-- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- ARGV[1..6]  common arguments (see _prelude.lua)
+-- ARGV[7]     credit delta (signed, |delta| <= 2^53)
+-- ARGV[8]     chat message delta (signed, |delta| <= 2^53)
+-- ARGV[9]     operation name for the journal: 'grant' or 'correct'
+-- ARGV[10]    reason, '' for none (journaled as field 'f')
+--
+-- Returns {0, replayed, credits, chat messages, sequence};
+--   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {2, 0, required, available} when a negative correction would take
+--     credits below the active holds, {3, 0, required, available} likewise
+--     for chat messages;
+--   {7, 0, limit} when a balance would pass 2^53;
+--   {6, 0} when the idempotency key was used for another call.
+
+local replay = idem_replay()
+if replay then return replay end
+if not load_account() then return {MISSING, 0} end
+prune_lapsed_holds()
+
+local credit_delta, chat_delta = tonumber(ARGV[7]), tonumber(ARGV[8])
+if credit_delta < 0 and -credit_delta > available() then
+  return {NO_CREDITS, 0, -credit_delta, available()}
+end
+if chat_delta < 0 and -chat_delta > ctx.chat then
+  return {NO_CHAT, 0, -chat_delta, ctx.chat}
+end
+if ctx.credits + credit_delta > MAX_AMOUNT or ctx.chat + chat_delta > MAX_AMOUNT then
+  return {OVERFLOW, 0, MAX_AMOUNT}
+end
+
+ctx.credits = ctx.credits + credit_delta
+ctx.chat = ctx.chat + chat_delta
+save_balances()
+local extra = nil
+if ARGV[10] ~= '' then extra = {'f', ARGV[10]} end
+local seq = journal(ARGV[9], credit_delta, chat_delta, extra)
+return idem_store({OK, 0, ctx.credits, ctx.chat, seq})

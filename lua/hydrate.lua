@@ -1,0 +1,23 @@
+-- hydrate: insert an account loaded from the system of record (or created with
+-- the configured defaults) only if Redis does not have it yet, so two callers
+-- racing to load the same account cannot overwrite each other's updates.
+--
+-- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- ARGV[1..6]  common arguments (see _prelude.lua)
+-- ARGV[7]     credits
+-- ARGV[8]     chat messages
+-- ARGV[9]     plan
+-- ARGV[10]    last sequence number applied in the system of record
+-- ARGV[11]    1 when the account is new: its opening balances are journaled
+--             (op 'open') so the system of record learns of it
+--
+-- Returns {0, 0, inserted (0/1)}.
+
+if redis.call('EXISTS', ctx.acct) == 1 then return {OK, 0, 0} end
+ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[7]), tonumber(ARGV[8]), 0, ARGV[9]
+redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
+  's', ARGV[10])
+if ARGV[11] == '1' then
+  journal('open', ctx.credits, ctx.chat, {'p', ctx.plan})
+end
+return {OK, 0, 1}

@@ -1,0 +1,77 @@
+"""redcredit: credits, chat-message quotas and reservations for LLM products.
+
+The hot path runs as atomic Lua scripts in Redis; every change is journaled in
+the same script, for the system of record to pick up.
+"""
+
+from .aio import AsyncRedCredit, AsyncReservationBlock
+from .client import RedCredit, ReservationBlock
+from .config import PlanSettings, Settings
+from .costs import CostRule, CostTable
+from .errors import (
+    AccountIdError,
+    BackendUnavailable,
+    BalanceOverflow,
+    ConfigError,
+    IdempotencyConflict,
+    InsufficientChatMessages,
+    InsufficientCredits,
+    InsufficientFunds,
+    InvalidInput,
+    RedCreditError,
+    ReservationClosed,
+    ReservationError,
+    ReservationLapsed,
+    ReservationNotFound,
+    UnknownFeature,
+    UnknownPlan,
+)
+from .lease import Lease
+from .loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
+from .results import (
+    Balance,
+    BalanceChange,
+    PlanChange,
+    Reservation,
+    ReservationRef,
+    Settlement,
+    SpendResult,
+)
+
+__all__ = [
+    "AccountIdError",
+    "AccountLoader",
+    "AccountSnapshot",
+    "AsyncAccountLoader",
+    "AsyncRedCredit",
+    "AsyncReservationBlock",
+    "BackendUnavailable",
+    "Balance",
+    "BalanceChange",
+    "BalanceOverflow",
+    "ConfigError",
+    "CostRule",
+    "CostTable",
+    "IdempotencyConflict",
+    "InsufficientChatMessages",
+    "InsufficientCredits",
+    "InsufficientFunds",
+    "InvalidInput",
+    "Lease",
+    "PlanChange",
+    "PlanSettings",
+    "RedCredit",
+    "RedCreditError",
+    "Reservation",
+    "ReservationBlock",
+    "ReservationClosed",
+    "ReservationError",
+    "ReservationLapsed",
+    "ReservationNotFound",
+    "ReservationRef",
+    "Settings",
+    "Settlement",
+    "SpendResult",
+    "UnknownFeature",
+    "UnknownPlan",
+]

@@ -1,0 +1,358 @@
+"""The asyncio client: a thin driver of the engine's operations, twin of client.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import redis.asyncio
+import redis.asyncio.cluster
+from redis.exceptions import NoScriptError
+
+from .backend import async_client, redis_errors_translated, require_url
+from .config import Settings
+from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
+from .errors import BackendUnavailable, RedCreditError, ReservationError
+from .lease import Lease
+from .loader import AsyncAccountLoader, AsyncDefaultsLoader
+from .results import (
+    Balance,
+    BalanceChange,
+    PlanChange,
+    Reservation,
+    Settlement,
+    SpendResult,
+)
+
+__all__ = ["AsyncRedCredit", "AsyncReservationBlock"]
+
+T = TypeVar("T")
+log = logging.getLogger("redcredit")
+
+
+class AsyncRedCredit:
+    """Credits, chat messages and reservations, from asyncio code.
+
+    Pass a ``redis.asyncio.Redis`` (or ``redis.asyncio.cluster.RedisCluster``) client you own,
+    or a URL; without either, ``settings.redis_url`` is used. Only a client
+    created here is closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | str | None = None,
+        *,
+        settings: Settings | None = None,
+        loader: AsyncAccountLoader | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.engine = Engine(self.settings)
+        if redis_client is None or isinstance(redis_client, str):
+            url = redis_client if redis_client is not None else require_url(self.settings)
+            self.redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster = async_client(
+                self.settings, url
+            )
+            self._owns_redis = True
+        else:
+            self.redis = redis_client
+            self._owns_redis = False
+        self.loader = loader if loader is not None else AsyncDefaultsLoader(self.settings)
+
+    async def close(self) -> None:
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- driver ------------------------------------------------------------------
+
+    async def run(self, operation: Operation[T]) -> T:
+        """Performs the I/O an engine operation asks for, until it returns."""
+        try:
+            step = next(operation)
+            while True:
+                if isinstance(step, ScriptCall):
+                    step = operation.send(await self._evalsha(step))
+                else:
+                    step = operation.send(await self._load(step))
+        except StopIteration as finished:
+            result: T = finished.value
+            return result
+
+    async def _evalsha(self, call: ScriptCall) -> Any:
+        with redis_errors_translated():
+            try:
+                return await self.redis.evalsha(
+                    call.script.sha, len(call.keys), *call.keys, *call.args
+                )
+            except NoScriptError:
+                # After a restart, failover or SCRIPT FLUSH: load and run again, so
+                # the caller never sees the error.
+                await self.redis.script_load(call.script.source)
+                return await self.redis.evalsha(
+                    call.script.sha, len(call.keys), *call.keys, *call.args
+                )
+
+    async def _load(self, step: LoadAccount) -> Any:
+        return await self.loader.load(step.account)
+
+    # -- operations ----------------------------------------------------------------
+
+    async def spend(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> SpendResult:
+        """Spends credits priced by ``feature`` (from the cost table) or an explicit ``cost``.
+
+        Raises :class:`InsufficientCredits` (changing nothing) when the available
+        balance is short. On a bypassing plan the result's remaining is ``None``.
+        """
+        return await self.run(
+            self.engine.spend(
+                account, feature, cost=cost, units=units, idempotency_key=idempotency_key
+            )
+        )
+
+    async def spend_chat_message(
+        self, account: str, *, messages: int = 1, idempotency_key: str | None = None
+    ) -> SpendResult:
+        """Spends chat messages; :class:`InsufficientChatMessages` when none are left."""
+        return await self.run(
+            self.engine.spend_chat_message(
+                account, messages=messages, idempotency_key=idempotency_key
+            )
+        )
+
+    async def chat_turn(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        messages: int = 1,
+        idempotency_key: str | None = None,
+    ) -> SpendResult:
+        """One chat message and the turn's credits together: a refused turn spends neither."""
+        return await self.run(
+            self.engine.chat_turn(
+                account,
+                feature,
+                cost=cost,
+                units=units,
+                messages=messages,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def grant(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> BalanceChange:
+        """Adds credits and/or chat messages, e.g. keyed by a payment id."""
+        return await self.run(
+            self.engine.grant(
+                account,
+                credits,
+                chat_messages=chat_messages,
+                reason=reason,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def correct(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> BalanceChange:
+        """Adds or removes balances by signed deltas, journaled like every change."""
+        return await self.run(
+            self.engine.correct(
+                account,
+                credits,
+                chat_messages=chat_messages,
+                reason=reason,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def set_plan(
+        self, account: str, plan: str, *, idempotency_key: str | None = None
+    ) -> PlanChange:
+        return await self.run(self.engine.set_plan(account, plan, idempotency_key=idempotency_key))
+
+    async def balance(self, account: str) -> Balance:
+        return await self.run(self.engine.balance(account))
+
+    async def reserve(
+        self,
+        account: str,
+        amount: int,
+        *,
+        ttl: int | timedelta | None = None,
+        feature: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Reservation:
+        """Holds ``amount`` credits until the lease ends (``ttl`` seconds, server clock)."""
+        return await self.run(
+            self.engine.reserve(
+                account,
+                amount,
+                ttl=ttl,
+                feature=feature,
+                reservation_id=uuid.uuid4().hex,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def settle(
+        self,
+        reservation: ReservationLike,
+        actual: int,
+        *,
+        allow_late: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Settlement:
+        """Charges the actual cost and ends the hold; repeating it returns the first outcome.
+
+        A cost above the amount held is charged as far as the available balance
+        goes; the rest is reported as ``uncharged``. A lapsed lease raises
+        :class:`ReservationLapsed` unless ``allow_late``.
+        """
+        return await self.run(
+            self.engine.close_reservation(
+                reservation,
+                release=False,
+                actual=actual,
+                allow_late=allow_late,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def release(
+        self, reservation: ReservationLike, *, idempotency_key: str | None = None
+    ) -> Settlement:
+        """Ends the hold without charging; repeating it returns the first outcome."""
+        return await self.run(
+            self.engine.close_reservation(
+                reservation, release=True, idempotency_key=idempotency_key
+            )
+        )
+
+    async def extend(
+        self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
+    ) -> Reservation:
+        """Renews a live lease to now + ``ttl``; a lapsed one raises :class:`ReservationLapsed`."""
+        return await self.run(self.engine.extend(reservation, ttl=ttl))
+
+    def reservation(
+        self,
+        account: str,
+        amount: int,
+        *,
+        ttl: int | timedelta | None = None,
+        feature: str | None = None,
+        allow_late: bool = True,
+    ) -> AsyncReservationBlock:
+        """An ``async with`` block that reserves, renews while it runs, and settles or releases.
+
+        ``allow_late`` charges the reported cost even if renewals failed and the
+        lease lapsed, as far as the balance goes: the work was done.
+        """
+        return AsyncReservationBlock(self, account, amount, ttl, feature, allow_late)
+
+
+class AsyncReservationBlock:
+    """Reserve on entry; renew in a background task; settle on exit, release on error.
+
+    If the whole process dies, nothing settles or releases: the hold lapses at
+    its deadline by itself.
+    """
+
+    def __init__(
+        self,
+        client: AsyncRedCredit,
+        account: str,
+        amount: int,
+        ttl: int | timedelta | None,
+        feature: str | None,
+        allow_late: bool,
+    ) -> None:
+        self._client = client
+        self._args = (account, amount, ttl, feature)
+        self._ttl_ms = client.engine.ttl_ms(ttl)
+        self._lease_ttl = timedelta(milliseconds=self._ttl_ms)
+        self._allow_late = allow_late
+        self._renewer: asyncio.Task[None] | None = None
+        self.lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        account, amount, ttl, feature = self._args
+        reservation = await self._client.reserve(account, amount, ttl=ttl, feature=feature)
+        self.lease = Lease(reservation, self._ttl_ms)
+        self._renewer = asyncio.create_task(self._renew(self.lease), name="redcredit-lease")
+        return self.lease
+
+    async def _renew(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(lease.renew_interval())
+            try:
+                lease.reservation = await self._client.extend(
+                    lease.reservation, ttl=self._lease_ttl
+                )
+            except ReservationError as exc:
+                log.warning(
+                    "reservation %s can no longer be renewed: %s", lease.reservation.id, exc
+                )
+                return
+            except BackendUnavailable as exc:
+                log.warning(
+                    "renewing reservation %s failed, will retry: %s", lease.reservation.id, exc
+                )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        lease = self.lease
+        if lease is None:
+            return
+        if exc_type is None:
+            lease.settlement = await self._client.settle(
+                lease.reservation, lease.final_cost(), allow_late=self._allow_late
+            )
+            return
+        try:
+            lease.settlement = await self._client.release(lease.reservation)
+        except RedCreditError as release_error:
+            # The hold lapses at its deadline anyway; the body's error matters more.
+            log.warning("releasing reservation %s failed: %s", lease.reservation.id, release_error)

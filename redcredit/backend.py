@@ -1,0 +1,84 @@
+"""Connecting to Redis, and turning its failures into redcredit errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from .config import Settings
+from .errors import BackendUnavailable, ConfigError, RedCreditError
+
+__all__ = ["connection_options", "redis_errors_translated", "require_url"]
+
+
+def require_url(settings: Settings) -> str:
+    if settings.redis_url is None:
+        raise ConfigError("no Redis to talk to: pass a client or a URL, or set REDCREDIT_REDIS_URL")
+    return settings.redis_url
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """Options for the clients redcredit creates itself.
+
+    A timed-out script may have run, so it is never re-sent automatically
+    (redis-py's default would re-send it, and a spend could be applied twice);
+    only a failure to connect or write is retried, once. Callers that must
+    retry ambiguous outcomes do so with an idempotency key.
+    """
+    return {
+        "socket_timeout": _seconds(settings.redis_socket_timeout),
+        "socket_connect_timeout": _seconds(settings.redis_connect_timeout),
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "health_check_interval": 30,
+    }
+
+
+def sync_client(settings: Settings, url: str) -> redis.Redis:
+    # A blocking pool makes a burst of callers queue for a connection instead
+    # of failing with "too many connections".
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=_seconds(settings.redis_connect_timeout),
+        **connection_options(settings),
+    )
+    return redis.Redis.from_pool(pool)
+
+
+def async_client(settings: Settings, url: str) -> redis.asyncio.Redis:
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=_seconds(settings.redis_connect_timeout),
+        **connection_options(settings),
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+@contextmanager
+def redis_errors_translated() -> Iterator[None]:
+    try:
+        yield
+    except RedisTimeoutError as exc:
+        raise BackendUnavailable(
+            f"Redis did not answer in time ({exc}); the call may or may not have been "
+            "applied: retry it with the same idempotency key to be sure"
+        ) from exc
+    except RedisConnectionError as exc:
+        raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
+    except RedisError as exc:
+        raise RedCreditError(f"Redis refused the call: {exc}") from exc
+
+
+def _seconds(duration: timedelta) -> float:
+    return duration.total_seconds()

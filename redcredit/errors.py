@@ -1,0 +1,125 @@
+"""Every error redcredit raises derives from :class:`RedCreditError`.
+
+Callers that only want to know "did redcredit refuse or fail" catch the root;
+callers that need to tell "pay" from "wait" from "retry later" catch the leaves.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccountIdError",
+    "BackendUnavailable",
+    "BalanceOverflow",
+    "ConfigError",
+    "EmbeddedServerError",
+    "IdempotencyConflict",
+    "InsufficientChatMessages",
+    "InsufficientCredits",
+    "InsufficientFunds",
+    "InvalidInput",
+    "RedCreditError",
+    "ReservationClosed",
+    "ReservationError",
+    "ReservationLapsed",
+    "ReservationNotFound",
+    "UnknownFeature",
+    "UnknownPlan",
+]
+
+
+class RedCreditError(Exception):
+    """Root of every error raised by redcredit."""
+
+
+class InvalidInput(RedCreditError, ValueError):
+    """An argument was refused before any I/O; nothing was changed."""
+
+
+class AccountIdError(InvalidInput):
+    """An account id is empty, too long, or holds characters that are not allowed."""
+
+
+class UnknownFeature(InvalidInput, KeyError):
+    """A feature has no entry in the cost table (it is never priced at zero by accident)."""
+
+    def __str__(self) -> str:
+        # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownPlan(InvalidInput):
+    """A plan name that the configuration does not define."""
+
+
+class ConfigError(RedCreditError, ValueError):
+    """The configuration (settings, cost table, TOML file) is invalid."""
+
+
+class InsufficientFunds(RedCreditError):
+    """Base of the "the account cannot pay for this" refusals; nothing was changed."""
+
+    def __init__(self, account: str, required: int, available: int) -> None:
+        self.account = account
+        self.required = required
+        self.available = available
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        return f"account {self.account!r} needs {self.required} but has {self.available} available"
+
+
+class InsufficientCredits(InsufficientFunds):
+    """Not enough available credits (credits minus active holds)."""
+
+    def _describe(self) -> str:
+        return (
+            f"account {self.account!r} needs {self.required} credits but has "
+            f"{self.available} available"
+        )
+
+
+class InsufficientChatMessages(InsufficientFunds):
+    """No chat messages left."""
+
+    def _describe(self) -> str:
+        return (
+            f"account {self.account!r} needs {self.required} chat messages but has "
+            f"{self.available} left"
+        )
+
+
+class BalanceOverflow(InvalidInput):
+    """A grant would push a balance past the largest exact integer (2**53)."""
+
+
+class IdempotencyConflict(RedCreditError):
+    """An idempotency key was reused for a different operation or different arguments."""
+
+
+class ReservationError(RedCreditError):
+    """Base of reservation errors."""
+
+    def __init__(self, message: str, *, account: str, reservation_id: str) -> None:
+        self.account = account
+        self.reservation_id = reservation_id
+        super().__init__(message)
+
+
+class ReservationNotFound(ReservationError):
+    """No such reservation (never made, or its record has expired)."""
+
+
+class ReservationClosed(ReservationError):
+    """The reservation is already settled or released, so its lease cannot be renewed."""
+
+
+class ReservationLapsed(ReservationError):
+    """The reservation's lease ran out before it was settled or extended."""
+
+
+class EmbeddedServerError(RedCreditError):
+    """A server for the demo or the tests could not be found or started."""
+
+
+class BackendUnavailable(RedCreditError):
+    """Redis (or PostgreSQL) could not be reached within the configured deadline."""

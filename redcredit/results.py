@@ -1,0 +1,127 @@
+"""What the operations return: small immutable records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, NamedTuple
+
+__all__ = [
+    "Balance",
+    "BalanceChange",
+    "PlanChange",
+    "Reservation",
+    "ReservationRef",
+    "Settlement",
+    "SettlementOutcome",
+    "SpendResult",
+]
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendResult:
+    """A successful spend. ``None`` remaining means unlimited (a bypassing plan)."""
+
+    account: str
+    credits_remaining: int | None
+    chat_messages_remaining: int | None
+    sequence: int
+    replayed: bool = False
+
+    @property
+    def unlimited(self) -> bool:
+        return self.credits_remaining is None
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceChange:
+    """The balances after a grant or a correction."""
+
+    account: str
+    credits: int
+    chat_messages: int
+    sequence: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    account: str
+    plan: str
+    previous_plan: str
+    sequence: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """An account's balances at one moment of the server's clock.
+
+    ``available`` is credits minus the holds still inside their lease. On a
+    bypassing plan the numbers are still kept, and ``unlimited`` is true.
+    """
+
+    account: str
+    credits: int
+    chat_messages: int
+    held: int
+    plan: str
+    unlimited: bool
+    sequence: int
+    server_time_ms: int
+
+    @property
+    def available(self) -> int:
+        return self.credits - self.held
+
+
+class ReservationRef(NamedTuple):
+    """Names a reservation when the :class:`Reservation` object is not at hand."""
+
+    account: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Credits held until ``deadline_ms`` (Redis server clock, ms since the epoch)."""
+
+    account: str
+    id: str
+    amount: int
+    deadline_ms: int
+    sequence: int
+    replayed: bool = False
+
+    @property
+    def deadline(self) -> datetime:
+        return _utc(self.deadline_ms)
+
+    @property
+    def ref(self) -> ReservationRef:
+        return ReservationRef(self.account, self.id)
+
+
+SettlementOutcome = Literal["settled", "released", "settled_late"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a reservation was closed.
+
+    ``uncharged`` is the part of the actual cost that could not be charged
+    because the balance ran out (only possible above the amount held, or late).
+    """
+
+    account: str
+    reservation_id: str
+    outcome: SettlementOutcome
+    charged: int
+    uncharged: int
+    credits_remaining: int | None
+    sequence: int
+    replayed: bool = False

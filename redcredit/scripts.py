@@ -1,0 +1,45 @@
+"""The Lua scripts, loaded once from the ``lua/`` folder with their SHA1.
+
+Each script is sent as ``_prelude.lua`` followed by its own file, because
+Redis cannot include one script from another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+__all__ = ["SCRIPT_NAMES", "LuaScript", "load_scripts", "lua_dir"]
+
+SCRIPT_NAMES = ("adjust", "balance", "debit", "extend", "hydrate", "reserve", "set_plan", "settle")
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    name: str
+    source: bytes
+    sha: str
+
+
+def lua_dir() -> Traversable:
+    # Installed wheels carry the scripts inside the package; a source checkout
+    # (and an editable install) keeps them in the top-level lua/ folder.
+    packaged = resources.files("redcredit").joinpath("lua")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+@cache
+def load_scripts() -> dict[str, LuaScript]:
+    folder = lua_dir()
+    prelude = folder.joinpath("_prelude.lua").read_bytes()
+    scripts = {}
+    for name in SCRIPT_NAMES:
+        source = prelude + folder.joinpath(f"{name}.lua").read_bytes()
+        scripts[name] = LuaScript(name, source, hashlib.sha1(source).hexdigest())  # noqa: S324
+    return scripts
