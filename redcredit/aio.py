@@ -95,11 +95,11 @@ class AsyncRedCredit:
                     call.script.sha, len(call.keys), *call.keys, *call.args
                 )
             except NoScriptError:
-                # After a restart, failover or SCRIPT FLUSH: load and run again, so
-                # the caller never sees the error.
-                await self.redis.script_load(call.script.source)
-                return await self.redis.evalsha(
-                    call.script.sha, len(call.keys), *call.keys, *call.args
+                # After a restart, failover or SCRIPT FLUSH: EVAL runs the script
+                # and caches it again in one step, so no flush in between can
+                # make this call fail.
+                return await self.redis.eval(
+                    call.script.source.decode(), len(call.keys), *call.keys, *call.args
                 )
 
     async def _load(self, step: LoadAccount) -> Any:

@@ -89,10 +89,12 @@ class RedCredit:
             try:
                 return self.redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
             except NoScriptError:
-                # After a restart, failover or SCRIPT FLUSH: load and run again, so
-                # the caller never sees the error.
-                self.redis.script_load(call.script.source)
-                return self.redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                # After a restart, failover or SCRIPT FLUSH: EVAL runs the script
+                # and caches it again in one step, so no flush in between can
+                # make this call fail.
+                return self.redis.eval(
+                    call.script.source.decode(), len(call.keys), *call.keys, *call.args
+                )
 
     def _load(self, step: LoadAccount) -> Any:
         return self.loader.load(step.account)

@@ -1,0 +1,164 @@
+"""``redcredit demo``: a short scripted scenario on a real (embedded) Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .client import RedCredit
+from .config import Settings
+from .costs import CostTable
+from .embedded import EmbeddedRedis
+from .errors import RedCreditError
+from .results import Balance
+
+__all__ = ["run_demo"]
+
+DEMO_COSTS = {"image": 5, "chat": 2, "document": {"base": 2, "per_unit": 1, "unit": "pages"}}
+
+
+class Table:
+    """Rows printed as they happen, so a slow step (waiting for a lease) shows progress."""
+
+    def __init__(self, headers: tuple[str, ...], widths: tuple[int, ...]) -> None:
+        self.widths = widths
+        print(self._format(headers))
+        print(self._format(tuple("-" * w for w in widths)))
+
+    def add(self, *cells: object) -> None:
+        print(self._format(tuple(str(c) for c in cells)), flush=True)
+
+    def _format(self, row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, self.widths, strict=True))
+
+
+@contextlib.contextmanager
+def _redis_url(settings: Settings) -> Iterator[str]:
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    print("No REDCREDIT_REDIS_URL set: starting an embedded Redis on loopback.")
+    with EmbeddedRedis() as server:
+        print(f"  {server.url}\n")
+        yield server.url
+
+
+def _hold_until_killed(settings_json: str, account: str, ready: Any) -> None:
+    client = RedCredit(settings=Settings.model_validate_json(settings_json))
+    with client.reservation(account, 15, ttl=2) as lease:
+        ready.put(lease.reservation.deadline_ms)
+        time.sleep(3600)
+
+
+def _state(balance: Balance) -> tuple[str, str, str]:
+    credits = "unlimited" if balance.unlimited else str(balance.credits)
+    return credits, str(balance.chat_messages), str(balance.held)
+
+
+def run_demo() -> int:
+    base = Settings()
+    with _redis_url(base) as url:
+        settings = base.model_copy(
+            update={
+                "redis_url": url,
+                "free_credits": 20,
+                "free_chat_messages": 3,
+                "costs": CostTable.from_mapping(DEMO_COSTS),
+            }
+        )
+        run = uuid.uuid4().hex[:4]
+        ada, bob, cyd = f"ada-{run}", f"bob-{run}", f"cyd-{run}"
+        with RedCredit(settings=settings) as rc:
+            table = Table(
+                ("step", "call", "outcome", "credits", "chat msgs", "held"),
+                (4, 56, 34, 9, 9, 4),
+            )
+            step = iter(range(1, 100))
+
+            def show(call: str, action: Callable[[], object], account: str) -> None:
+                try:
+                    outcome = _describe(action())
+                except RedCreditError as refused:
+                    outcome = f"refused: {type(refused).__name__}"
+                table.add(next(step), call, outcome, *_state(rc.balance(account)))
+
+            show(f"balance({ada!r})  # new account", lambda: "opened with the free tier", ada)
+            for _ in range(5):
+                show(f"spend({ada!r}, 'image')  # costs 5", lambda: rc.spend(ada, "image"), ada)
+            pay = f"pay_{run}"
+            for _ in range(2):
+                show(
+                    f"grant({ada!r}, 30, idempotency_key={pay!r})",
+                    lambda: rc.grant(ada, 30, idempotency_key=pay),
+                    ada,
+                )
+            show(f"chat_turn({ada!r}, 'chat')", lambda: rc.chat_turn(ada, "chat"), ada)
+            show(
+                f"spend({ada!r}, 'document', units=12)",
+                lambda: rc.spend(ada, "document", units=12),
+                ada,
+            )
+            show(f"set_plan({bob!r}, 'paid')", lambda: rc.set_plan(bob, "paid"), bob)
+            show(f"spend({bob!r}, cost=1000)", lambda: rc.spend(bob, cost=1000), bob)
+
+            with rc.reservation(ada, 10) as lease:
+                table.add(next(step), f"reservation({ada!r}, 10)  # stream starts", "holding 10",
+                          *_state(rc.balance(ada)))  # fmt: skip
+                for _token in range(7):
+                    lease.add(1)
+            table.add(next(step), "  ...stream used 7 tokens, block exits",
+                      _describe(lease.settlement), *_state(rc.balance(ada)))  # fmt: skip
+
+            rc.grant(cyd, 10)
+            context = multiprocessing.get_context("spawn")
+            ready = context.Queue()
+            holder = context.Process(
+                target=_hold_until_killed, args=(settings.model_dump_json(), cyd, ready)
+            )
+            holder.start()
+            ready.get(timeout=30)
+            table.add(next(step), f"child process: reservation({cyd!r}, 15, ttl=2)",
+                      "holding 15", *_state(rc.balance(cyd)))  # fmt: skip
+            assert holder.pid is not None
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.join()
+            killed_at = rc.balance(cyd)
+            table.add(next(step), "  kill -9 the child (no release, no settle)",
+                      "nothing of ours is running", *_state(killed_at))  # fmt: skip
+            while (balance := rc.balance(cyd)).held:
+                time.sleep(0.05)
+            waited = (balance.server_time_ms - killed_at.server_time_ms) / 1000
+            table.add(next(step), "  ...the lease's deadline passes",
+                      f"credits back after {waited:.1f} s", *_state(balance))  # fmt: skip
+
+            entries = sum(int(rc.redis.xlen(key)) for key in rc.engine.keys.journals())
+            print(f"\nJournal: {entries} entries in {settings.partitions} partition streams, "
+                  "waiting for the syncer to persist them.")  # fmt: skip
+    return 0
+
+
+def _describe(result: object) -> str:
+    name = type(result).__name__
+    if isinstance(result, str):
+        return result
+    fields: dict[str, Any] = {
+        key: getattr(result, key) for key in getattr(result, "__dataclass_fields__", {})
+    }
+    if name == "SpendResult":
+        left = fields["credits_remaining"]
+        text = "ok, unlimited (usage journaled)" if left is None else f"ok, {left} left"
+    elif name == "BalanceChange":
+        text = f"granted, now {fields['credits']}"
+    elif name == "PlanChange":
+        text = f"plan {fields['previous_plan']} -> {fields['plan']}"
+    elif name == "Settlement":
+        text = f"{fields['outcome']}: charged {fields['charged']}"
+    else:
+        text = name
+    return text + (" (replayed)" if fields.get("replayed") else "")
