@@ -4,8 +4,9 @@ The hot path runs as atomic Lua scripts in Redis; every change is journaled in
 the same script, for the system of record to pick up.
 """
 
-from .aio import AsyncRedCredit, AsyncReservationBlock
-from .client import RedCredit, ReservationBlock
+from .aio import AsyncRedCredit
+from .blocks import AsyncReservationBlock, ReservationBlock
+from .client import RedCredit
 from .config import PlanSettings, Settings
 from .costs import CostRule, CostTable
 from .errors import (

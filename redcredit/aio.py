@@ -1,13 +1,13 @@
-"""The asyncio client: a thin driver of the engine's operations, twin of client.py."""
+"""The asyncio client: a thin driver of the engine's operations.
+
+This file is the source of ``client.py``: ``python tools/async_to_sync.py``
+writes the synchronous twin from it, and a test fails when they differ.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import uuid
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import redis.asyncio
@@ -15,10 +15,9 @@ import redis.asyncio.cluster
 from redis.exceptions import NoScriptError
 
 from .backend import async_client, redis_errors_translated, require_url
+from .blocks import AsyncReservationBlock
 from .config import Settings
 from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
-from .errors import BackendUnavailable, RedCreditError, ReservationError
-from .lease import Lease
 from .loader import AsyncAccountLoader, AsyncDefaultsLoader
 from .results import (
     Balance,
@@ -29,10 +28,9 @@ from .results import (
     SpendResult,
 )
 
-__all__ = ["AsyncRedCredit", "AsyncReservationBlock"]
+__all__ = ["AsyncRedCredit"]
 
 T = TypeVar("T")
-log = logging.getLogger("redcredit")
 
 
 class AsyncRedCredit:
@@ -283,76 +281,3 @@ class AsyncRedCredit:
         lease lapsed, as far as the balance goes: the work was done.
         """
         return AsyncReservationBlock(self, account, amount, ttl, feature, allow_late)
-
-
-class AsyncReservationBlock:
-    """Reserve on entry; renew in a background task; settle on exit, release on error.
-
-    If the whole process dies, nothing settles or releases: the hold lapses at
-    its deadline by itself.
-    """
-
-    def __init__(
-        self,
-        client: AsyncRedCredit,
-        account: str,
-        amount: int,
-        ttl: int | timedelta | None,
-        feature: str | None,
-        allow_late: bool,
-    ) -> None:
-        self._client = client
-        self._args = (account, amount, ttl, feature)
-        self._ttl_ms = client.engine.ttl_ms(ttl)
-        self._lease_ttl = timedelta(milliseconds=self._ttl_ms)
-        self._allow_late = allow_late
-        self._renewer: asyncio.Task[None] | None = None
-        self.lease: Lease | None = None
-
-    async def __aenter__(self) -> Lease:
-        account, amount, ttl, feature = self._args
-        reservation = await self._client.reserve(account, amount, ttl=ttl, feature=feature)
-        self.lease = Lease(reservation, self._ttl_ms)
-        self._renewer = asyncio.create_task(self._renew(self.lease), name="redcredit-lease")
-        return self.lease
-
-    async def _renew(self, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(lease.renew_interval())
-            try:
-                lease.reservation = await self._client.extend(
-                    lease.reservation, ttl=self._lease_ttl
-                )
-            except ReservationError as exc:
-                log.warning(
-                    "reservation %s can no longer be renewed: %s", lease.reservation.id, exc
-                )
-                return
-            except BackendUnavailable as exc:
-                log.warning(
-                    "renewing reservation %s failed, will retry: %s", lease.reservation.id, exc
-                )
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        lease = self.lease
-        if lease is None:
-            return
-        if exc_type is None:
-            lease.settlement = await self._client.settle(
-                lease.reservation, lease.final_cost(), allow_late=self._allow_late
-            )
-            return
-        try:
-            lease.settlement = await self._client.release(lease.reservation)
-        except RedCreditError as release_error:
-            # The hold lapses at its deadline anyway; the body's error matters more.
-            log.warning("releasing reservation %s failed: %s", lease.reservation.id, release_error)

@@ -1,22 +1,23 @@
-"""The synchronous client: a thin driver of the engine's operations."""
+"""The synchronous client: a thin driver of the engine's operations.
+
+Generated from ``aio.py`` by ``tools/async_to_sync.py``: edit that file and
+run the tool; a test fails when the two differ.
+"""
 
 from __future__ import annotations
 
-import logging
-import threading
 import uuid
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import redis
+import redis.cluster
 from redis.exceptions import NoScriptError
 
 from .backend import redis_errors_translated, require_url, sync_client
+from .blocks import ReservationBlock
 from .config import Settings
 from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
-from .errors import BackendUnavailable, RedCreditError, ReservationError
-from .lease import Lease
 from .loader import AccountLoader, DefaultsLoader
 from .results import (
     Balance,
@@ -27,10 +28,9 @@ from .results import (
     SpendResult,
 )
 
-__all__ = ["RedCredit", "ReservationBlock"]
+__all__ = ["RedCredit"]
 
 T = TypeVar("T")
-log = logging.getLogger("redcredit")
 
 
 class RedCredit:
@@ -277,76 +277,3 @@ class RedCredit:
         lease lapsed, as far as the balance goes: the work was done.
         """
         return ReservationBlock(self, account, amount, ttl, feature, allow_late)
-
-
-class ReservationBlock:
-    """Reserve on entry; renew in a background thread; settle on exit, release on error.
-
-    If the whole process dies, nothing settles or releases: the hold lapses at
-    its deadline by itself.
-    """
-
-    def __init__(
-        self,
-        client: RedCredit,
-        account: str,
-        amount: int,
-        ttl: int | timedelta | None,
-        feature: str | None,
-        allow_late: bool,
-    ) -> None:
-        self._client = client
-        self._args = (account, amount, ttl, feature)
-        self._ttl_ms = client.engine.ttl_ms(ttl)
-        self._lease_ttl = timedelta(milliseconds=self._ttl_ms)
-        self._allow_late = allow_late
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-        self.lease: Lease | None = None
-
-    def __enter__(self) -> Lease:
-        account, amount, ttl, feature = self._args
-        reservation = self._client.reserve(account, amount, ttl=ttl, feature=feature)
-        self.lease = Lease(reservation, self._ttl_ms)
-        self._renewer = threading.Thread(
-            target=self._renew, args=(self.lease,), name="redcredit-lease", daemon=True
-        )
-        self._renewer.start()
-        return self.lease
-
-    def _renew(self, lease: Lease) -> None:
-        while not self._stop.wait(lease.renew_interval()):
-            try:
-                lease.reservation = self._client.extend(lease.reservation, ttl=self._lease_ttl)
-            except ReservationError as exc:
-                log.warning(
-                    "reservation %s can no longer be renewed: %s", lease.reservation.id, exc
-                )
-                return
-            except BackendUnavailable as exc:
-                log.warning(
-                    "renewing reservation %s failed, will retry: %s", lease.reservation.id, exc
-                )
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        lease = self.lease
-        if lease is None:
-            return
-        if exc_type is None:
-            lease.settlement = self._client.settle(
-                lease.reservation, lease.final_cost(), allow_late=self._allow_late
-            )
-            return
-        try:
-            lease.settlement = self._client.release(lease.reservation)
-        except RedCreditError as release_error:
-            # The hold lapses at its deadline anyway; the body's error matters more.
-            log.warning("releasing reservation %s failed: %s", lease.reservation.id, release_error)

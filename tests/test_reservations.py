@@ -67,7 +67,10 @@ def test_settle_above_hold_never_takes_other_holds(rc: RedCredit) -> None:
 
 
 def test_release_and_double_close(rc: RedCredit, redis_client, prefix: str) -> None:
-    reservation = rc.reserve("di", 70)
+    reservation = rc.reserve("di", 70, ttl=30)
+    record = rc.engine.keys.for_account("di").reservation(reservation.id)
+    # Nobody may ever touch the record again: Redis frees it by itself.
+    assert 30_000 < redis_client.pttl(record) <= 30_000 + 3_600_000
     released = rc.release(reservation)
     assert (released.outcome, released.charged) == ("released", 0)
     assert rc.balance("di").available == 100
@@ -79,6 +82,7 @@ def test_release_and_double_close(rc: RedCredit, redis_client, prefix: str) -> N
     assert rc.balance("di").credits == 100
     ops = [e["op"] for e in account_entries(redis_client, prefix, "di")]
     assert ops == ["open", "reserve", "release"]
+    assert 0 < redis_client.pttl(record) <= 3_600_000
 
 
 def test_double_settle_returns_first_outcome(rc: RedCredit) -> None:

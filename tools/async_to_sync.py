@@ -1,0 +1,91 @@
+"""Writes redcredit/client.py from redcredit/aio.py, so the two clients cannot drift apart.
+
+    python tools/async_to_sync.py          # rewrite client.py
+    python tools/async_to_sync.py --check  # exit 1 if client.py is not up to date
+
+The async client is the source. The transformation is plain text, in order;
+every rule must apply at least once, so a change to aio.py that a rule no
+longer matches fails loudly instead of producing a half-converted file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "redcredit" / "aio.py"
+TARGET = ROOT / "redcredit" / "client.py"
+
+HEADER = (
+    '"""The synchronous client: a thin driver of the engine\'s operations.\n\n'
+    "Generated from ``aio.py`` by ``tools/async_to_sync.py``: edit that file and\n"
+    "run the tool; a test fails when the two differ.\n"
+    '"""'
+)
+
+RULES: list[tuple[str, str]] = [
+    (
+        "import redis.asyncio\nimport redis.asyncio.cluster\n",
+        "import redis\nimport redis.cluster\n",
+    ),
+    ("redis.asyncio.cluster.RedisCluster", "redis.cluster.RedisCluster"),
+    ("redis.asyncio.Redis", "redis.Redis"),
+    ("async_client", "sync_client"),
+    ("AsyncReservationBlock", "ReservationBlock"),
+    ("AsyncRedCredit", "RedCredit"),
+    ("AsyncAccountLoader", "AccountLoader"),
+    ("AsyncDefaultsLoader", "DefaultsLoader"),
+    ("await self.redis.aclose()", "self.redis.close()"),
+    ("async def __aenter__", "def __enter__"),
+    ("async def __aexit__", "def __exit__"),
+    ("await self.close()", "self.close()"),
+    ("from asyncio code", "from synchronous code"),
+    ("An ``async with`` block", "A ``with`` block"),
+    ("async def ", "def "),
+    ("await ", ""),
+]
+
+
+def convert(source: str) -> str:
+    end = source.index('"""', 3) + 3
+    text = HEADER + source[end:]
+    for old, new in RULES:
+        if old not in text:
+            raise SystemExit(f"rule no longer applies to aio.py: {old!r}")
+        text = text.replace(old, new)
+    # Renames can reorder imports and shorten lines: let ruff settle both.
+    text = _ruff(text, "check", "--fix", "--select", "I", "--quiet", "--exit-zero")
+    return _ruff(text, "format")
+
+
+def _ruff(text: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--stdin-filename", str(TARGET), "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return done.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    generated = convert(SOURCE.read_text())
+    if args.check:
+        if TARGET.read_text() != generated:
+            print("redcredit/client.py is out of date: run tools/async_to_sync.py")
+            return 1
+        return 0
+    TARGET.write_text(generated)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
