@@ -80,7 +80,7 @@ local function journal(op, credit_delta, chat_delta, extra)
   local seq = redis.call('HINCRBY', ctx.acct, 's', 1)
   local entry = {'XADD', ctx.journal, '*',
     'a', ctx.account, 'op', op, 's', seq, 't', ctx.now,
-    'dc', credit_delta, 'dm', chat_delta, 'c', ctx.credits, 'm', ctx.chat}
+    'dc', credit_delta, 'dm', chat_delta, 'c', ctx.credits, 'm', ctx.chat, 'p', ctx.plan}
   if ctx.idem_key ~= '' then
     entry[#entry + 1] = 'k'
     entry[#entry + 1] = ctx.idem_key

@@ -29,8 +29,6 @@ if ARGV[9] ~= '' then
 end
 
 if ctx.bypass then
-  extra[#extra + 1] = 'p'
-  extra[#extra + 1] = ctx.plan
   local seq = journal(ARGV[10], 0, 0, extra)
   return idem_store({OK, 0, -1, -1, seq})
 end

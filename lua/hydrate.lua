@@ -8,8 +8,10 @@
 -- ARGV[8]     chat messages
 -- ARGV[9]     plan
 -- ARGV[10]    last sequence number applied in the system of record
--- ARGV[11]    1 when the account is new: its opening balances are journaled
---             (op 'open') so the system of record learns of it
+-- ARGV[11]    1 to journal the opening balances (op 'open'): for an account
+--             new to the system of record, or one it holds but never received
+--             a journal entry for (a legacy row), so its ledger sums to its
+--             balance
 --
 -- Returns {0, 0, inserted (0/1)}.
 
@@ -18,6 +20,6 @@ ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[7]), tonumber(ARGV[8])
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
   's', ARGV[10])
 if ARGV[11] == '1' then
-  journal('open', ctx.credits, ctx.chat, {'p', ctx.plan})
+  journal('open', ctx.credits, ctx.chat)
 end
 return {OK, 0, 1}

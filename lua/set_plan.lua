@@ -14,6 +14,7 @@ if not load_account() then return {MISSING, 0} end
 prune_lapsed_holds()
 
 local previous = ctx.plan
-redis.call('HSET', ctx.acct, 'p', ARGV[7])
-local seq = journal('plan', 0, 0, {'p', ARGV[7]})
+ctx.plan = ARGV[7]
+redis.call('HSET', ctx.acct, 'p', ctx.plan)
+local seq = journal('plan', 0, 0)
 return idem_store({OK, 0, seq, previous})

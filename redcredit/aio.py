@@ -19,6 +19,7 @@ from .blocks import AsyncReservationBlock
 from .config import Settings
 from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
 from .loader import AsyncAccountLoader, AsyncDefaultsLoader
+from .pgloader import AsyncPostgresLoader
 from .results import (
     Balance,
     BalanceChange,
@@ -59,9 +60,15 @@ class AsyncRedCredit:
         else:
             self.redis = redis_client
             self._owns_redis = False
+        # Without a loader, accounts come from PostgreSQL when one is configured.
+        self._owned_loader: AsyncPostgresLoader | None = None
+        if loader is None and self.settings.database_url is not None:
+            self._owned_loader = loader = AsyncPostgresLoader(self.settings)
         self.loader = loader if loader is not None else AsyncDefaultsLoader(self.settings)
 
     async def close(self) -> None:
+        if self._owned_loader is not None:
+            await self._owned_loader.close()
         if self._owns_redis:
             await self.redis.aclose()
 

@@ -19,6 +19,7 @@ from .blocks import ReservationBlock
 from .config import Settings
 from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
 from .loader import AccountLoader, DefaultsLoader
+from .pgloader import PostgresLoader
 from .results import (
     Balance,
     BalanceChange,
@@ -57,9 +58,15 @@ class RedCredit:
         else:
             self.redis = redis_client
             self._owns_redis = False
+        # Without a loader, accounts come from PostgreSQL when one is configured.
+        self._owned_loader: PostgresLoader | None = None
+        if loader is None and self.settings.database_url is not None:
+            self._owned_loader = loader = PostgresLoader(self.settings)
         self.loader = loader if loader is not None else DefaultsLoader(self.settings)
 
     def close(self) -> None:
+        if self._owned_loader is not None:
+            self._owned_loader.close()
         if self._owns_redis:
             self.redis.close()
 

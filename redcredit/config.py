@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -18,6 +19,8 @@ from .errors import ConfigError, InvalidInput, UnknownPlan
 __all__ = ["BUILTIN_PLANS", "PlanSettings", "Settings"]
 
 T = TypeVar("T")
+
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class PlanSettings(BaseModel):
@@ -74,7 +77,25 @@ class Settings(BaseSettings):
     redis_socket_timeout: timedelta = timedelta(seconds=2)
     redis_connect_timeout: timedelta = timedelta(seconds=1)
     redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    # "aof": answer only once the change reached the AOF on disk (WAITAOF);
+    # "replica": once a replica has it (WAIT). Costs a wait per mutating call.
+    durability: Literal["none", "aof", "replica"] = "none"
+    durability_timeout: timedelta = timedelta(seconds=1)
     costs: CostTable = Field(default_factory=CostTable)
+
+    # PostgreSQL, the system of record.
+    database_url: str | None = None
+    pg_schema: str = "redcredit"
+    database_pool_size: int = Field(default=4, ge=1, le=1_000)
+    # The syncer: journal entries per PostgreSQL transaction, how often an
+    # idle syncer looks for new entries, when entries left pending by a dead
+    # syncer are claimed, and the longest wait between retries while
+    # PostgreSQL is down.
+    sync_batch_size: int = Field(default=2_000, ge=1, le=100_000)
+    sync_interval: timedelta = timedelta(milliseconds=200)
+    sync_claim_idle: timedelta = timedelta(seconds=30)
+    sync_retry_max: timedelta = timedelta(seconds=5)
+    sync_group: str = "redcredit-syncer"
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -88,7 +109,13 @@ class Settings(BaseSettings):
         return _as_value_error(v.check_key_prefix, value)
 
     @field_validator(
-        "free_credits", "free_chat_messages", "partitions", "redis_max_connections", mode="before"
+        "free_credits",
+        "free_chat_messages",
+        "partitions",
+        "redis_max_connections",
+        "database_pool_size",
+        "sync_batch_size",
+        mode="before",
     )
     @classmethod
     def _no_bools(cls, value: Any) -> Any:
@@ -96,6 +123,18 @@ class Settings(BaseSettings):
         if isinstance(value, bool | float):
             raise ValueError("must be an integer")
         return value
+
+    @field_validator("pg_schema")
+    @classmethod
+    def _schema(cls, value: str) -> str:
+        if not _IDENTIFIER.fullmatch(value):
+            raise ValueError("pg_schema must be a lowercase SQL identifier (a-z, 0-9, _)")
+        return value
+
+    @field_validator("sync_group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        return _as_value_error(v.check_key_prefix, value)
 
     @field_validator("free_credits", "free_chat_messages")
     @classmethod
@@ -133,6 +172,10 @@ class Settings(BaseSettings):
             "idempotency_window",
             "redis_socket_timeout",
             "redis_connect_timeout",
+            "durability_timeout",
+            "sync_interval",
+            "sync_claim_idle",
+            "sync_retry_max",
         ):
             _positive(getattr(self, name), name)
         if not self.reservation_ttl_min <= self.reservation_ttl <= self.reservation_ttl_max:

@@ -156,7 +156,7 @@ class Engine:
                 v.check_amount(snapshot.chat_messages, name="chat_messages"),
                 plan,
                 v.check_amount(snapshot.sequence, name="sequence"),
-                1 if snapshot.is_new else 0,
+                1 if snapshot.sequence == 0 else 0,
             ],
         )
 

@@ -71,6 +71,15 @@ class KeySpace:
     def journals(self) -> list[str]:
         return [self.journal(p) for p in range(self.partitions)]
 
+    def account_pattern(self) -> str:
+        """SCAN pattern matching every account hash of this deployment."""
+        return f"{self.prefix}:{{*}}:a:*"
+
+    def account_from_key(self, key: bytes | str) -> str:
+        name = key.decode() if isinstance(key, bytes) else key
+        # The tag holds only digits, so the first "}:a:" ends it.
+        return name[name.index("}:a:", len(self.prefix)) + 4 :]
+
     def for_account(self, account: str) -> AccountKeys:
         tag = self.tag(self.partition(account))
         return AccountKeys(

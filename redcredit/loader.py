@@ -28,9 +28,9 @@ class AccountSnapshot:
     chat_messages: int
     plan: str
     # Last sequence number the system of record has applied for this account.
+    # At 0 (a new account, or a legacy row with no history) the opening
+    # balances are journaled, so the ledger always sums to the balance.
     sequence: int = 0
-    # A new account's opening balances are journaled so the system of record
-    # learns of it; a loaded one is already there.
     is_new: bool = False
 
 

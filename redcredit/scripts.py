@@ -13,9 +13,11 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-__all__ = ["SCRIPT_NAMES", "LuaScript", "load_scripts", "lua_dir"]
+__all__ = ["SCRIPT_NAMES", "STANDALONE_NAMES", "LuaScript", "load_scripts", "lua_dir"]
 
 SCRIPT_NAMES = ("adjust", "balance", "debit", "extend", "hydrate", "reserve", "set_plan", "settle")
+# Scripts of the syncer and maintenance: they share none of the prelude.
+STANDALONE_NAMES = ("ack", "evict")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,5 +43,8 @@ def load_scripts() -> dict[str, LuaScript]:
     scripts = {}
     for name in SCRIPT_NAMES:
         source = prelude + folder.joinpath(f"{name}.lua").read_bytes()
+        scripts[name] = LuaScript(name, source, hashlib.sha1(source).hexdigest())  # noqa: S324
+    for name in STANDALONE_NAMES:
+        source = folder.joinpath(f"{name}.lua").read_bytes()
         scripts[name] = LuaScript(name, source, hashlib.sha1(source).hexdigest())  # noqa: S324
     return scripts

@@ -38,6 +38,7 @@ RULES: list[tuple[str, str]] = [
     ("AsyncRedCredit", "RedCredit"),
     ("AsyncAccountLoader", "AccountLoader"),
     ("AsyncDefaultsLoader", "DefaultsLoader"),
+    ("AsyncPostgresLoader", "PostgresLoader"),
     ("await self.redis.aclose()", "self.redis.close()"),
     ("async def __aenter__", "def __enter__"),
     ("async def __aexit__", "def __exit__"),

@@ -1,0 +1,294 @@
+"""The syncer: drains the journal streams into PostgreSQL, in batches, idempotently.
+
+An entry leaves Redis only after PostgreSQL has committed it: the syncer reads
+entries through a consumer group, writes a batch in one transaction, and only
+then acknowledges and deletes them (``lua/ack.lua``). A crash anywhere in
+between leaves the entries pending; they are claimed again (by any syncer,
+after ``sync_claim_idle``) and re-applied, which changes nothing the second
+time. Several syncers may run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+from psycopg_pool import ConnectionPool
+from redis.exceptions import ResponseError
+
+from .backend import redis_errors_translated, require_url, sync_client
+from .config import Settings
+from .errors import RedCreditError
+from .journal import JournalEntry, parse_entry, text
+from .keys import KeySpace
+from .pgloader import require_database_url
+from .scripts import load_scripts
+from .store import apply_entries
+
+__all__ = ["SyncLag", "Syncer"]
+
+log = logging.getLogger("redcredit.syncer")
+
+# Partitions read per round trip when looking for new entries.
+_READ_CHUNK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SyncLag:
+    """How far PostgreSQL is behind Redis."""
+
+    entries: int  # journal entries not yet persisted (waiting or in flight)
+    pending: int  # delivered to a syncer, not yet acknowledged
+    oldest_age_ms: int | None  # age of the oldest entry not yet persisted
+
+    @property
+    def caught_up(self) -> bool:
+        return self.entries == 0
+
+
+FaultHook = Callable[[str], None]
+
+
+class Syncer:
+    """Moves journal entries from Redis to PostgreSQL.
+
+    Pass clients you own, or let the syncer create them from the settings;
+    only what it created is closed by :meth:`close`. ``fault_hook`` is called
+    with ``"before_commit"`` and ``"after_commit"`` (before acknowledging),
+    for fault-injection tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis | None = None,
+        pool: ConnectionPool[Any] | None = None,
+        *,
+        consumer: str | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
+        self.streams = self.keys.journals()
+        self.group = settings.sync_group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._owns_redis = redis_client is None
+        self.redis = redis_client or sync_client(settings, require_url(settings))
+        self._owns_pool = pool is None
+        self.pool = pool or ConnectionPool(
+            require_database_url(settings), min_size=1, max_size=2, open=True
+        )
+        self._ack = load_scripts()["ack"]
+        self._fault = fault_hook or (lambda _stage: None)
+        self._held: list[JournalEntry] = []  # read, not yet committed
+        self._groups_ready = False
+        self._next_claim = 0.0
+        self._rotation = 0
+        self._failures = 0
+        self._retry_at = 0.0
+        self._scheduler: BaseScheduler | None = None
+        self._owns_scheduler = False
+        self.applied = 0  # entries committed by this syncer (including re-deliveries)
+
+    def close(self) -> None:
+        self.stop()
+        if self._owns_pool:
+            self.pool.close()
+        if self._owns_redis:
+            self.redis.close()
+
+    # -- one batch -------------------------------------------------------------
+
+    def ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise result
+        self._groups_ready = True
+
+    def read_batch(self) -> list[JournalEntry]:
+        """Entries claimed from dead syncers first, then new ones, up to about a batch."""
+        self.ensure_groups()
+        limit = self.settings.sync_batch_size
+        entries: list[JournalEntry] = []
+        if time.monotonic() >= self._next_claim:
+            entries += self._claim_idle(limit)
+            self._next_claim = time.monotonic() + self.settings.sync_claim_idle.total_seconds() / 2
+        # Rotate the first partition read, so a busy one cannot starve the rest.
+        order = self.streams[self._rotation :] + self.streams[: self._rotation]
+        self._rotation = (self._rotation + _READ_CHUNK) % len(self.streams)
+        for start in range(0, len(order), _READ_CHUNK):
+            if len(entries) >= limit:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in order[start : start + _READ_CHUNK]:
+                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=limit)
+            for reply in pipe.execute():
+                for stream, messages in reply or []:
+                    entries += [parse_entry(stream, sid, fields) for sid, fields in messages]
+        return entries
+
+    def _claim_idle(self, limit: int) -> list[JournalEntry]:
+        idle_ms = int(self.settings.sync_claim_idle.total_seconds() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xautoclaim(stream, self.group, self.consumer, idle_ms, "0-0", count=limit)
+        claimed: list[JournalEntry] = []
+        for stream, reply in zip(self.streams, pipe.execute(), strict=True):
+            messages = reply[1]
+            claimed += [parse_entry(stream, sid, fields) for sid, fields in messages if fields]
+        if claimed:
+            log.info("claimed %d journal entries left pending by another syncer", len(claimed))
+        return claimed
+
+    def commit(self, entries: list[JournalEntry]) -> None:
+        """One PostgreSQL transaction for the batch; then acknowledge and delete."""
+        with self.pool.connection() as conn, conn.transaction():
+            apply_entries(conn, self.settings.pg_schema, entries)
+            self._fault("before_commit")
+        self._fault("after_commit")
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            by_stream[entry.stream].append(entry.stream_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.evalsha(self._ack.sha, 1, stream, self.group, *ids)
+        results = pipe.execute(raise_on_error=False)
+        if any(isinstance(r, ResponseError) for r in results):
+            # NOSCRIPT after a restart or flush: EVAL caches the script again.
+            for stream, ids in by_stream.items():
+                self.redis.eval(self._ack.source.decode(), 1, stream, self.group, *ids)
+
+    def run_once(self) -> int:
+        """Reads and persists one batch; returns the number of entries persisted."""
+        if not self._held:
+            self._held = self.read_batch()
+        if not self._held:
+            return 0
+        # Kept until committed: a failed commit is retried with the same entries.
+        self.commit(self._held)
+        count = len(self._held)
+        self._held = []
+        self.applied += count
+        return count
+
+    def tick(self, budget_s: float | None = None) -> int:
+        """Persists batches until the journal is empty or the time budget is spent.
+
+        Failures (PostgreSQL or Redis down) are logged and retried later with
+        exponential backoff; no entry is dropped.
+        """
+        if time.monotonic() < self._retry_at:
+            return 0
+        budget = budget_s if budget_s is not None else self._budget()
+        until = time.monotonic() + budget
+        total = 0
+        try:
+            while (count := self.run_once()) and time.monotonic() < until:
+                total += count
+            total += count
+        except (psycopg.Error, redis.RedisError, RedCreditError, OSError) as exc:
+            self._failures += 1
+            delay = min(self.settings.sync_retry_max.total_seconds(), 0.05 * 2**self._failures)
+            self._retry_at = time.monotonic() + delay
+            log.warning("sync failed (%s); retrying in %.2f s: %s", type(exc).__name__, delay, exc)
+            return total
+        self._failures = 0
+        return total
+
+    def _budget(self) -> float:
+        # Within one scheduler interval, so runs of the job do not overlap.
+        return max(self.settings.sync_interval.total_seconds() * 0.9, 0.01)
+
+    def drain(self, timeout_s: float = 60.0) -> SyncLag:
+        """Persists everything journaled so far (tests, shutdown, the demo)."""
+        until = time.monotonic() + timeout_s
+        while True:
+            self.tick(budget_s=max(until - time.monotonic(), 0.01))
+            lag = self.lag()
+            if lag.caught_up or time.monotonic() >= until:
+                return lag
+            time.sleep(0.02)
+
+    # -- lag -------------------------------------------------------------------
+
+    def lag(self) -> SyncLag:
+        with redis_errors_translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in self.streams:
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+                pipe.xpending(stream, self.group)
+            pipe.time()
+            replies = pipe.execute(raise_on_error=False)
+        seconds, micros = replies[-1]
+        now_ms = seconds * 1000 + micros // 1000
+        entries = pending = 0
+        oldest: int | None = None
+        for i in range(len(self.streams)):
+            length, first, summary = replies[3 * i : 3 * i + 3]
+            entries += int(length)
+            if isinstance(summary, dict):
+                pending += int(summary.get("pending", 0))
+            if first:
+                first_ms = int(text(first[0][0]).split("-")[0])
+                oldest = first_ms if oldest is None else min(oldest, first_ms)
+        return SyncLag(entries, pending, None if oldest is None else max(now_ms - oldest, 0))
+
+    # -- scheduling ------------------------------------------------------------
+
+    def start(self, scheduler: BaseScheduler | None = None) -> BaseScheduler:
+        """Runs :meth:`tick` every ``sync_interval`` as an APScheduler job.
+
+        With no scheduler given, a background one is created and started (and
+        shut down by :meth:`stop`); a given scheduler only gets the job.
+        """
+        self._owns_scheduler = scheduler is None
+        self._scheduler = scheduler or BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.settings.sync_interval.total_seconds(),
+            id=f"redcredit-sync-{self.consumer}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        if self._owns_scheduler:
+            self._scheduler.start()
+        return self._scheduler
+
+    def stop(self) -> None:
+        if self._scheduler is None:
+            return
+        if self._owns_scheduler:
+            self._scheduler.shutdown(wait=True)
+        else:
+            self._scheduler.remove_job(f"redcredit-sync-{self.consumer}")
+        self._scheduler = None
+
+    @contextmanager
+    def running(self) -> Iterator[Syncer]:
+        """``with syncer.running():`` for an app's lifespan; drains what it can on exit."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            self.tick(budget_s=5)
