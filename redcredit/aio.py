@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import redis.asyncio
 import redis.asyncio.cluster
@@ -17,7 +17,14 @@ from redis.exceptions import NoScriptError
 from .backend import async_client, redis_errors_translated, require_url
 from .blocks import AsyncReservationBlock
 from .config import Settings
-from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
+from .engine import (
+    Engine,
+    LoadAccount,
+    Operation,
+    ReservationLike,
+    ScriptCall,
+    check_durable,
+)
 from .loader import AsyncAccountLoader, AsyncDefaultsLoader
 from .pgloader import AsyncPostgresLoader
 from .results import (
@@ -94,6 +101,8 @@ class AsyncRedCredit:
             return result
 
     async def _evalsha(self, call: ScriptCall) -> Any:
+        if call.wait is not None:
+            return await self._evalsha_durable(call)
         with redis_errors_translated():
             try:
                 return await self.redis.evalsha(
@@ -106,6 +115,25 @@ class AsyncRedCredit:
                 return await self.redis.eval(
                     call.script.source.decode(), len(call.keys), *call.keys, *call.args
                 )
+
+    async def _evalsha_durable(self, call: ScriptCall) -> Any:
+        """The script and its WAITAOF / WAIT in one round trip."""
+        wait = call.wait or ()
+        with redis_errors_translated():
+            pipe = cast(Any, self.redis.pipeline(transaction=False))
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(*wait)
+            reply, acknowledged = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                pipe = cast(Any, self.redis.pipeline(transaction=False))
+                pipe.eval(call.script.source.decode(), len(call.keys), *call.keys, *call.args)
+                pipe.execute_command(*wait)
+                reply, acknowledged = await pipe.execute(raise_on_error=False)
+            for result in (reply, acknowledged):
+                if isinstance(result, Exception):
+                    raise result
+        check_durable(call, reply, acknowledged)
+        return reply
 
     async def _load(self, step: LoadAccount) -> Any:
         return await self.loader.load(step.account)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import redis
 import redis.cluster
@@ -17,7 +17,14 @@ from redis.exceptions import NoScriptError
 from .backend import redis_errors_translated, require_url, sync_client
 from .blocks import ReservationBlock
 from .config import Settings
-from .engine import Engine, LoadAccount, Operation, ReservationLike, ScriptCall
+from .engine import (
+    Engine,
+    LoadAccount,
+    Operation,
+    ReservationLike,
+    ScriptCall,
+    check_durable,
+)
 from .loader import AccountLoader, DefaultsLoader
 from .pgloader import PostgresLoader
 from .results import (
@@ -92,6 +99,8 @@ class RedCredit:
             return result
 
     def _evalsha(self, call: ScriptCall) -> Any:
+        if call.wait is not None:
+            return self._evalsha_durable(call)
         with redis_errors_translated():
             try:
                 return self.redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
@@ -102,6 +111,25 @@ class RedCredit:
                 return self.redis.eval(
                     call.script.source.decode(), len(call.keys), *call.keys, *call.args
                 )
+
+    def _evalsha_durable(self, call: ScriptCall) -> Any:
+        """The script and its WAITAOF / WAIT in one round trip."""
+        wait = call.wait or ()
+        with redis_errors_translated():
+            pipe = cast(Any, self.redis.pipeline(transaction=False))
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(*wait)
+            reply, acknowledged = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                pipe = cast(Any, self.redis.pipeline(transaction=False))
+                pipe.eval(call.script.source.decode(), len(call.keys), *call.keys, *call.args)
+                pipe.execute_command(*wait)
+                reply, acknowledged = pipe.execute(raise_on_error=False)
+            for result in (reply, acknowledged):
+                if isinstance(result, Exception):
+                    raise result
+        check_durable(call, reply, acknowledged)
+        return reply
 
     def _load(self, step: LoadAccount) -> Any:
         return self.loader.load(step.account)

@@ -9,14 +9,21 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
+
+import psycopg
+from psycopg import sql
 
 from .client import RedCredit
 from .config import Settings
 from .costs import CostTable
 from .embedded import EmbeddedRedis
+from .embedded_pg import EmbeddedPostgres
 from .errors import RedCreditError
+from .migrate import migrate
 from .results import Balance
+from .syncer import Syncer
 
 __all__ = ["run_demo"]
 
@@ -43,9 +50,18 @@ def _redis_url(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    print("No REDCREDIT_REDIS_URL set: starting an embedded Redis on loopback.")
     with EmbeddedRedis() as server:
-        print(f"  {server.url}\n")
+        print(f"No REDCREDIT_REDIS_URL set: started an embedded Redis at {server.url}")
+        yield server.url
+
+
+@contextlib.contextmanager
+def _database_url(settings: Settings) -> Iterator[str]:
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with EmbeddedPostgres() as server:
+        print(f"No REDCREDIT_DATABASE_URL set: started an embedded PostgreSQL at {server.url}")
         yield server.url
 
 
@@ -63,15 +79,23 @@ def _state(balance: Balance) -> tuple[str, str, str]:
 
 def run_demo() -> int:
     base = Settings()
-    with _redis_url(base) as url:
+    with _redis_url(base) as url, _database_url(base) as database_url:
         settings = base.model_copy(
             update={
                 "redis_url": url,
+                "database_url": database_url,
                 "free_credits": 20,
                 "free_chat_messages": 3,
                 "costs": CostTable.from_mapping(DEMO_COSTS),
+                "sync_interval": timedelta(milliseconds=100),
             }
         )
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            applied = migrate(conn, settings.pg_schema)
+        print(f"Schema {settings.pg_schema!r} migrated (versions applied: {applied or 'none'}).")
+        print("Syncer started: it persists the journal to PostgreSQL in the background.\n")
+        syncer = Syncer(settings)
+        syncer.start()
         run = uuid.uuid4().hex[:4]
         ada, bob, cyd = f"ada-{run}", f"bob-{run}", f"cyd-{run}"
         with RedCredit(settings=settings) as rc:
@@ -137,10 +161,57 @@ def run_demo() -> int:
             table.add(next(step), "  ...the lease's deadline passes",
                       f"credits back after {waited:.1f} s", *_state(balance))  # fmt: skip
 
-            entries = sum(int(rc.redis.xlen(key)) for key in rc.engine.keys.journals())
-            print(f"\nJournal: {entries} entries in {settings.partitions} partition streams, "
-                  "waiting for the syncer to persist them.")  # fmt: skip
+            _burst_and_drain(rc, syncer, run)
+        syncer.stop()
+        syncer.drain()
+        _show_ledger(settings, ada)
+        syncer.close()
     return 0
+
+
+def _burst_and_drain(rc: RedCredit, syncer: Syncer, run: str) -> None:
+    accounts = [f"load-{run}-{i}" for i in range(200)]
+    for account in accounts:
+        rc.grant(account, 1_000)
+    syncer.stop()
+    print(
+        "\nThe syncer is stopped (as when PostgreSQL is down) during a burst of 5,000 spends "
+        "on 200 accounts:\nthe journal queues up in Redis, and nothing is lost."
+    )
+    for i in range(5_000):
+        rc.spend(accounts[i % len(accounts)], cost=1)
+    print("Syncer started again; its lag falls to zero:")
+    print(f"  {'t (s)':>6}  {'waiting':>8}  {'oldest (s)':>10}  {'persisted':>9}")
+    syncer.start()
+    began = time.monotonic()
+    while True:
+        lag = syncer.lag()
+        age = "-" if lag.oldest_age_ms is None else f"{lag.oldest_age_ms / 1000:.2f}"
+        elapsed = time.monotonic() - began
+        print(f"  {elapsed:>6.2f}  {lag.entries:>8}  {age:>10}  {syncer.applied:>9}")
+        if lag.caught_up:
+            break
+        time.sleep(0.05)
+
+
+def _show_ledger(settings: Settings, account: str) -> None:
+    assert settings.database_url is not None
+    schema = sql.Identifier(settings.pg_schema)
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT seq, op, credit_delta, chat_delta, credits_after, chat_after, feature "
+                "FROM {}.ledger WHERE account = %s ORDER BY seq"
+            ).format(schema),
+            [account],
+        ).fetchall()
+        total = conn.execute(sql.SQL("SELECT COUNT(*) FROM {}.ledger").format(schema)).fetchone()
+    print(f"\nPostgreSQL ledger of {account!r} ({total[0] if total else 0} rows in all):")
+    table = Table(("seq", "op", "credits", "chat", "credits after", "chat after", "feature"),
+                  (4, 8, 8, 5, 13, 10, 10))  # fmt: skip
+    for seq, op, dc, dm, credits, chat, feature in rows:
+        table.add(seq, op, f"{dc:+d}", f"{dm:+d}", credits, chat, feature or "")
+    print("\nThe ledger sums to the balance; `redcredit reconcile` checks that for every account.")
 
 
 def _describe(result: object) -> str:

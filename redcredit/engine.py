@@ -24,6 +24,7 @@ from .errors import (
     InsufficientChatMessages,
     InsufficientCredits,
     InvalidInput,
+    NotDurable,
     RedCreditError,
     ReservationClosed,
     ReservationError,
@@ -44,7 +45,7 @@ from .results import (
 )
 from .scripts import LuaScript, load_scripts
 
-__all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall"]
+__all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall", "check_durable"]
 
 T = TypeVar("T")
 
@@ -72,6 +73,9 @@ class ScriptCall:
     script: LuaScript
     keys: Sequence[str]
     args: Sequence[str | int]
+    # A WAITAOF or WAIT command to send in the same round trip, when the
+    # settings ask for durability before answering.
+    wait: tuple[str | int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,12 @@ class Engine:
         self._ttl_default_ms = _ms(settings.reservation_ttl)
         self._ttl_min_ms = _ms(settings.reservation_ttl_min)
         self._ttl_max_ms = _ms(settings.reservation_ttl_max)
+        wait_ms = _ms(settings.durability_timeout)
+        self._wait: tuple[str | int, ...] | None = {
+            "none": None,
+            "aof": ("WAITAOF", 1, 0, wait_ms),
+            "replica": ("WAIT", 1, wait_ms),
+        }[settings.durability]
 
     # -- building blocks -------------------------------------------------------
 
@@ -133,6 +143,8 @@ class Engine:
                 self._bypass,
                 *args,
             ],
+            # Reads need no wait; a hydration is waited for by the call it serves.
+            wait=None if script in ("balance", "hydrate") else self._wait,
         )
 
     def _run(self, call: ScriptCall, keys: AccountKeys) -> Generator[Step, Any, list[Any]]:
@@ -497,6 +509,22 @@ class Engine:
             amount=int(reply[4]),
             deadline_ms=int(reply[2]),
             sequence=int(reply[3]),
+        )
+
+
+def check_durable(call: ScriptCall, reply: Any, acknowledged: Any) -> None:
+    """Raises NotDurable when WAITAOF / WAIT did not confirm a change in time.
+
+    A refusal, or an account still to be loaded, changed nothing: no need to wait.
+    """
+    if call.wait is None or reply[0] != OK:
+        return
+    confirmed = int(acknowledged[0]) if call.wait[0] == "WAITAOF" else int(acknowledged)
+    if confirmed < 1:
+        where = "the AOF" if call.wait[0] == "WAITAOF" else "a replica"
+        raise NotDurable(
+            f"the change was applied but not confirmed on {where} in time; "
+            "retry with the same idempotency key to learn its outcome"
         )
 
 

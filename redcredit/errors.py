@@ -17,6 +17,7 @@ __all__ = [
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
+    "NotDurable",
     "RedCreditError",
     "ReservationClosed",
     "ReservationError",
@@ -123,3 +124,7 @@ class EmbeddedServerError(RedCreditError):
 
 class BackendUnavailable(RedCreditError):
     """Redis (or PostgreSQL) could not be reached within the configured deadline."""
+
+
+class NotDurable(BackendUnavailable):
+    """A change was applied in Redis but not confirmed durable (AOF or replica) in time."""

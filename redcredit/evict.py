@@ -56,18 +56,22 @@ def evict_idle(
 
     def flush() -> None:
         synced = {row[0]: row[1] for row in conn.execute(query, [pending])}
-        pipe = redis_client.pipeline(transaction=False)
-        for account in pending:
-            account_keys = keys.for_account(account)
-            # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
-            pipe.evalsha(
-                script.sha, 2, account_keys.hash, account_keys.holds, idle_ms,
-                synced.get(account, -1),
-            )  # fmt: skip
-        results = pipe.execute(raise_on_error=False)
+
+        def run() -> list[Any]:
+            pipe = redis_client.pipeline(transaction=False)
+            for account in pending:
+                account_keys = keys.for_account(account)
+                # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
+                pipe.evalsha(
+                    script.sha, 2, account_keys.hash, account_keys.holds, idle_ms,
+                    synced.get(account, -1),
+                )  # fmt: skip
+            return pipe.execute(raise_on_error=False)
+
+        results = run()
         if any(isinstance(r, ResponseError) for r in results):
             redis_client.script_load(script.source)
-            results = pipe.execute()
+            results = run()
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)
         pending.clear()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import redis
@@ -40,9 +41,6 @@ from .store import apply_entries
 __all__ = ["SyncLag", "Syncer"]
 
 log = logging.getLogger("redcredit.syncer")
-
-# Partitions read per round trip when looking for new entries.
-_READ_CHUNK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,14 @@ class Syncer:
         self._retry_at = 0.0
         self._scheduler: BaseScheduler | None = None
         self._owns_scheduler = False
+        self._tick_lock = threading.Lock()
         self.applied = 0  # entries committed by this syncer (including re-deliveries)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.stop()
@@ -130,15 +135,29 @@ class Syncer:
         if time.monotonic() >= self._next_claim:
             entries += self._claim_idle(limit)
             self._next_claim = time.monotonic() + self.settings.sync_claim_idle.total_seconds() / 2
+        # Ask only the partitions that hold entries, and no more than a batch in
+        # all; a stream's length also counts entries in flight elsewhere, so
+        # this may read a little less than a batch, never much more.
+        remaining = limit - len(entries)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xlen(stream)
+        lengths = pipe.execute()
         # Rotate the first partition read, so a busy one cannot starve the rest.
-        order = self.streams[self._rotation :] + self.streams[: self._rotation]
-        self._rotation = (self._rotation + _READ_CHUNK) % len(self.streams)
-        for start in range(0, len(order), _READ_CHUNK):
-            if len(entries) >= limit:
+        first = self._rotation
+        self._rotation = (self._rotation + 1) % len(self.streams)
+        pipe = self.redis.pipeline(transaction=False)
+        asked = 0
+        for i in range(len(self.streams)):
+            index = (first + i) % len(self.streams)
+            if remaining <= 0:
                 break
-            pipe = self.redis.pipeline(transaction=False)
-            for stream in order[start : start + _READ_CHUNK]:
-                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=limit)
+            if lengths[index]:
+                count = min(int(lengths[index]), remaining)
+                pipe.xreadgroup(self.group, self.consumer, {self.streams[index]: ">"}, count=count)
+                remaining -= count
+                asked += 1
+        if asked:
             for reply in pipe.execute():
                 for stream, messages in reply or []:
                     entries += [parse_entry(stream, sid, fields) for sid, fields in messages]
@@ -194,6 +213,16 @@ class Syncer:
         Failures (PostgreSQL or Redis down) are logged and retried later with
         exponential backoff; no entry is dropped.
         """
+        # A second run of the job while one is still going returns at once:
+        # the scheduler allows two instances so that it never logs a skip.
+        if not self._tick_lock.acquire(blocking=False):
+            return 0
+        try:
+            return self._tick(budget_s)
+        finally:
+            self._tick_lock.release()
+
+    def _tick(self, budget_s: float | None) -> int:
         if time.monotonic() < self._retry_at:
             return 0
         budget = budget_s if budget_s is not None else self._budget()
@@ -204,6 +233,10 @@ class Syncer:
                 total += count
             total += count
         except (psycopg.Error, redis.RedisError, RedCreditError, OSError) as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost its data (a restart without persistence): the
+                # consumer groups go with it and are made again.
+                self._groups_ready = False
             self._failures += 1
             delay = min(self.settings.sync_retry_max.total_seconds(), 0.05 * 2**self._failures)
             self._retry_at = time.monotonic() + delay
@@ -266,7 +299,7 @@ class Syncer:
             "interval",
             seconds=self.settings.sync_interval.total_seconds(),
             id=f"redcredit-sync-{self.consumer}",
-            max_instances=1,
+            max_instances=2,
             coalesce=True,
             misfire_grace_time=None,
         )

@@ -1,18 +1,26 @@
-"""Argument checks, run before any I/O so a refused call changes nothing.
+"""Argument checks, run before any I/O so that a refused call changes nothing.
 
 Each check returns the normalised value or raises a typed error that names the
-parameter and shows a shortened repr of what was given (an id of 10 kB is not
-echoed back whole).
+parameter and shows a shortened repr of what was given: an id of 10 kB is not
+echoed back whole, and an int of a million digits is described, not printed.
+
+Normalised means: an ``int`` subclass (an ``IntEnum``, say) comes back as a
+plain ``int`` and a ``str`` subclass as a plain ``str``, because the Redis
+client would otherwise send the repr of an enum member instead of its value.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 import unicodedata
 from datetime import timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .errors import AccountIdError, InvalidInput
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "MAX_ACCOUNT_ID_BYTES",
@@ -29,6 +37,8 @@ __all__ = [
     "check_reason",
     "check_reservation_id",
     "check_signed_amount",
+    "describe_validation_error",
+    "short_repr",
 ]
 
 # Lua numbers are doubles: every integer up to 2**53 is exact, so amounts and
@@ -39,76 +49,147 @@ MAX_IDEMPOTENCY_KEY_BYTES: Final = 200
 MAX_REASON_BYTES: Final = 200
 
 # Control, format (zero-width, bidi), surrogate, private-use, unassigned and
-# line/paragraph separators: invisible or able to break a log line or a key.
+# line/paragraph separators: invisible, or able to break a log line or fake
+# another id on screen.
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_PRINTABLE_ASCII: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _RESERVATION_ID: Final = re.compile(r"[0-9a-f]{32}")
 _FEATURE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PLAN: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
+_SHOWN_CHARS: Final = 60
+# Past this many bits, repr() is long (and past ~14,000 bits CPython refuses
+# to convert the int to text at all).
+_SHOWN_INT_BITS: Final = 128
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(text)} chars)"
+_repr = reprlib.Repr()
+_repr.maxstring = _SHOWN_CHARS
+_repr.maxother = _SHOWN_CHARS
+_repr.maxlong = _SHOWN_CHARS
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def short_repr(value: object) -> str:
+    """A repr of ``value`` short enough for an error message, whatever its size."""
+    if isinstance(value, int) and value.bit_length() > _SHOWN_INT_BITS:
+        return f"<{type(value).__name__} of {value.bit_length()} bits>"
+    if isinstance(value, str | bytes) and len(value) > _SHOWN_CHARS:
+        # Head and tail, because a stray character at either end is a common fault.
+        return f"{value[:40]!r}...{value[-12:]!r} ({len(value)} {_units(value)})"
+    try:
+        return _repr.repr(value)
+    except Exception:
+        # A broken __repr__ (or a huge int nested in a list) must not mask the refusal.
+        return f"<{type(value).__name__} object>"
+
+
+def _units(value: str | bytes) -> str:
+    return "chars" if isinstance(value, str) else "bytes"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per pydantic error: where, what, and a short repr of the input."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        cause = error.get("ctx", {}).get("error")
+        # Our own checks already name the value; pydantic would prefix "Value error, ".
+        message = str(cause) if isinstance(cause, ValueError) else error["msg"]
+        if where and error["type"] not in {"missing", "value_error"}:
+            message = f"{message} (got {short_repr(error['input'])})"
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def _not_int(name: str, value: object) -> InvalidInput:
+    return InvalidInput(f"{name} must be an int, not {type(value).__name__} {short_repr(value)}")
+
+
+def _as_int(value: object, name: str) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        # int.__int__ copies the value out without consulting an overridden __int__.
+        return int.__int__(value)
+    # bool is refused because True would silently mean 1; floats, Decimals and
+    # strings because a non-integral or parsed amount is a caller bug.
+    raise _not_int(name, value)
 
 
 def check_amount(value: object, *, name: str = "amount", allow_zero: bool = True) -> int:
-    if not _is_int(value):
-        raise InvalidInput(f"{name} must be an int, not {type(value).__name__} {_shown(value)}")
-    number: int = value  # type: ignore[assignment]
+    """An int in ``0..MAX_AMOUNT`` (``1..MAX_AMOUNT`` when ``allow_zero`` is false)."""
+    number = _as_int(value, name)
     low = 0 if allow_zero else 1
-    if not low <= number <= MAX_AMOUNT:
-        raise InvalidInput(f"{name} must be between {low} and 2**53, not {_shown(number)}")
+    if number < low or number > MAX_AMOUNT:
+        raise InvalidInput(f"{name} must be between {low} and 2**53, not {short_repr(number)}")
     return number
 
 
-def check_signed_amount(value: object, *, name: str) -> int:
-    """A signed delta (corrections); zero is allowed, the caller refuses a no-op."""
-    if not _is_int(value):
-        raise InvalidInput(f"{name} must be an int, not {type(value).__name__} {_shown(value)}")
-    number: int = value  # type: ignore[assignment]
-    if not -MAX_AMOUNT <= number <= MAX_AMOUNT:
-        raise InvalidInput(f"{name} must be between -2**53 and 2**53, not {_shown(number)}")
+def check_signed_amount(value: object, *, name: str, allow_zero: bool = True) -> int:
+    """An int in ``-MAX_AMOUNT..MAX_AMOUNT``, for signed corrections.
+
+    Zero passes by default because a correction has two deltas (credits and
+    chat messages) and only one of them needs to be non-zero; the caller
+    refuses the call when both are. ``allow_zero=False`` refuses it here.
+    """
+    number = _as_int(value, name)
+    if number < -MAX_AMOUNT or number > MAX_AMOUNT:
+        raise InvalidInput(f"{name} must be between -2**53 and 2**53, not {short_repr(number)}")
+    if number == 0 and not allow_zero:
+        raise InvalidInput(f"{name} must not be zero")
     return number
 
 
 def _check_text(value: object, *, name: str, max_bytes: int, error: type[InvalidInput]) -> str:
-    if not isinstance(value, str):
-        raise error(f"{name} must be a str, not {type(value).__name__} {_shown(value)}")
-    if _PRINTABLE_ASCII.fullmatch(value):
-        # The common case, and nothing more to check: ASCII is NFC and one byte a char.
-        if len(value) > max_bytes:
-            raise error(f"{name} is longer than {max_bytes} bytes: {_shown(value)}")
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise error(f"{name} must be a str, not {type(value).__name__} {short_repr(value)}")
+        value = str.__str__(value)
+    size = len(value)
+    if 0 < size <= max_bytes and value.isascii() and value.isprintable():
+        # The common case: printable ASCII is NFC, one byte a character, and
+        # only a space at either end can be wrong.
+        if value[0] == " " or value[-1] == " ":
+            raise error(f"{name} must not start or end with white space: {short_repr(value)}")
         return value
-    if not value:
+    if size == 0:
         raise error(f"{name} must not be empty")
-    if len(value.encode()) > max_bytes:
-        raise error(f"{name} is longer than {max_bytes} bytes in UTF-8: {_shown(value)}")
-    if value != value.strip():
-        raise error(f"{name} must not start or end with white space: {_shown(value)}")
+    # Every character takes at least one byte, so a long str is refused before
+    # it is encoded; surrogatepass lets a lone surrogate be counted here and
+    # refused by category below instead of raising UnicodeEncodeError.
+    if size > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise error(f"{name} must be at most {max_bytes} bytes in UTF-8: {short_repr(value)}")
     for char in value:
-        if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+        category = unicodedata.category(char)
+        if category in _FORBIDDEN_CATEGORIES:
             raise error(
-                f"{name} holds a control or invisible character U+{ord(char):04X}: {_shown(value)}"
+                f"{name} must not hold U+{ord(char):04X} "
+                f"({unicodedata.name(char, 'unnamed')}, category {category}), a control, "
+                f"invisible or unassigned character: {short_repr(value)}"
             )
+    if value[0].isspace() or value[-1].isspace():
+        raise error(f"{name} must not start or end with white space: {short_repr(value)}")
     if not unicodedata.is_normalized("NFC", value):
-        # Two spellings of one visible id must not become two accounts.
-        raise error(f"{name} must be NFC-normalised Unicode: {_shown(value)}")
+        # Two encodings of one visible id must not become two accounts.
+        raise error(
+            f"{name} must be NFC-normalised Unicode (apply unicodedata.normalize('NFC', ...) "
+            f"first): {short_repr(value)}"
+        )
     return value
 
 
 def check_account_id(value: object) -> str:
+    """A str of 1 to 256 UTF-8 bytes, NFC, without control or invisible characters.
+
+    Braces, colons, glob characters and letters of any script are allowed: key
+    names are built so that an id cannot escape its place in them.
+    """
     return _check_text(
         value, name="account id", max_bytes=MAX_ACCOUNT_ID_BYTES, error=AccountIdError
     )
 
 
 def check_idempotency_key(value: object) -> str | None:
+    """``None``, or a str with the rules of an account id but at most 200 bytes."""
     if value is None:
         return None
     return _check_text(
@@ -117,53 +198,65 @@ def check_idempotency_key(value: object) -> str | None:
 
 
 def check_reason(value: object) -> str:
+    """A free-text reason for the journal, with the rules of an account id, at most 200 bytes."""
     return _check_text(value, name="reason", max_bytes=MAX_REASON_BYTES, error=InvalidInput)
 
 
+def _seconds(ms: int) -> str:
+    return f"{ms // 1000} s" if ms % 1000 == 0 else f"{ms / 1000} s"
+
+
 def check_duration_ms(value: object, *, name: str, minimum_ms: int, maximum_ms: int) -> int:
-    """A duration given as whole seconds (int) or a timedelta, as milliseconds within bounds."""
+    """Whole seconds (int) or a timedelta, as milliseconds in ``minimum_ms..maximum_ms``.
+
+    A timedelta is floored to whole milliseconds before the bounds are checked.
+    """
     if isinstance(value, timedelta):
         ms = value // timedelta(milliseconds=1)
-    elif _is_int(value):
-        seconds: int = value  # type: ignore[assignment]
-        if abs(seconds) > MAX_AMOUNT // 1000:
-            ms = MAX_AMOUNT if seconds > 0 else -1
-        else:
-            ms = seconds * 1000
+        given = str(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ms = int.__int__(value) * 1000
+        given = f"{short_repr(int.__int__(value))} s"
     else:
         raise InvalidInput(
             f"{name} must be whole seconds (int) or a timedelta, not "
-            f"{type(value).__name__} {_shown(value)}"
+            f"{type(value).__name__} {short_repr(value)}"
         )
-    if not minimum_ms <= ms <= maximum_ms:
+    if ms < minimum_ms or ms > maximum_ms:
         raise InvalidInput(
-            f"{name} must be between {minimum_ms / 1000:g} s and {maximum_ms / 1000:g} s, "
-            f"not {_shown(value)}"
+            f"{name} must be between {_seconds(minimum_ms)} and {_seconds(maximum_ms)}, not {given}"
         )
     return ms
 
 
 def _check_pattern(value: object, pattern: re.Pattern[str], name: str, rule: str) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise InvalidInput(f"{name} must be {rule}, not {_shown(value)}")
-    return value
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise InvalidInput(f"{name} must be {rule}, not {short_repr(value)}")
+    return value if type(value) is str else str.__str__(value)
 
 
 def check_reservation_id(value: object) -> str:
+    """32 lowercase hex characters, as ``uuid.uuid4().hex`` makes."""
     return _check_pattern(value, _RESERVATION_ID, "reservation id", "32 lowercase hex characters")
 
 
 def check_feature_name(value: object) -> str:
+    """1 to 64 characters of ``A-Z a-z 0-9 _ . : -``, starting with a letter or digit."""
     return _check_pattern(
-        value, _FEATURE, "feature", "1-64 characters of A-Z a-z 0-9 _ . : - starting alphanumeric"
+        value,
+        _FEATURE,
+        "feature name",
+        "1-64 characters of A-Z a-z 0-9 _ . : - starting with a letter or digit",
     )
 
 
 def check_plan_name(value: object) -> str:
+    """1 to 32 characters of ``a-z 0-9 _ -``, starting with a letter."""
     return _check_pattern(
-        value, _PLAN, "plan", "1-32 characters of a-z 0-9 _ - starting with a letter"
+        value, _PLAN, "plan name", "1-32 characters of a-z 0-9 _ - starting with a letter"
     )
 
 
 def check_key_prefix(value: object) -> str:
+    """1 to 32 characters of ``A-Z a-z 0-9 _ -``: no brace (hash tags) and no colon (separator)."""
     return _check_pattern(value, _PREFIX, "key prefix", "1-32 characters of A-Z a-z 0-9 _ -")

