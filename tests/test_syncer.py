@@ -238,3 +238,48 @@ def test_migrations_twice_and_concurrently(postgres_url: str, pg_schema: str) ->
             conn.execute(
                 f'INSERT INTO "{pg_schema}".accounts (account, credits) VALUES (%s, -1)', ["x"]
             )
+
+
+async def test_racing_hydration_from_postgres(pg_settings: Settings, pg) -> None:
+    pg.execute(
+        f'INSERT INTO "{pg_settings.pg_schema}".accounts (account, credits, chat_messages, '
+        "plan, last_seq) VALUES ('cold', 500, 5, 'free', 7)"
+    )
+    async with AsyncRedCredit(settings=pg_settings) as arc:
+        results = await asyncio.gather(*(arc.spend("cold", cost=10) for _ in range(30)))
+        assert sorted(r.credits_remaining for r in results) == list(range(200, 500, 10))
+        assert (await arc.balance("cold")).sequence == 37
+
+
+def test_standalone_sync_command_runs_until_sigterm(pg_settings: Settings, pg) -> None:
+    import os
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDCREDIT_")}
+    env.update(
+        REDCREDIT_REDIS_URL=pg_settings.redis_url or "",
+        REDCREDIT_DATABASE_URL=pg_settings.database_url or "",
+        REDCREDIT_KEY_PREFIX=pg_settings.key_prefix,
+        REDCREDIT_PG_SCHEMA=pg_settings.pg_schema,
+        REDCREDIT_SYNC_INTERVAL="0.05",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "redcredit.cli", "sync"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with RedCredit(settings=pg_settings) as rc:
+            for i in range(200):
+                rc.spend(f"bg-{i % 10}", cost=1)
+        deadline = time.monotonic() + 30
+        count = 0
+        while time.monotonic() < deadline and count < 210:
+            row = pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone()
+            count = row[0] if row else 0
+            time.sleep(0.05)
+        assert count == 210  # 10 openings and 200 spends
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "syncing as" in out
