@@ -18,6 +18,7 @@ __all__ = [
     "InsufficientFunds",
     "InvalidInput",
     "NotDurable",
+    "RateLimited",
     "RedCreditError",
     "ReservationClosed",
     "ReservationError",
@@ -87,6 +88,26 @@ class InsufficientChatMessages(InsufficientFunds):
             f"account {self.account!r} needs {self.required} chat messages but has "
             f"{self.available} left"
         )
+
+
+class RateLimited(RedCreditError):
+    """A rate limit refused the call: wait ``retry_after_ms``, nothing was changed.
+
+    Kept apart from the credit errors so callers can tell "wait" from "pay".
+    """
+
+    def __init__(self, account: str, limit: str, retry_after_ms: int) -> None:
+        self.account = account
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms
+        super().__init__(
+            f"account {account!r} is over its {limit!r} limit; retry in {retry_after_ms} ms"
+        )
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds to wait, from the Redis server's clock."""
+        return self.retry_after_ms / 1000
 
 
 class BalanceOverflow(InvalidInput):

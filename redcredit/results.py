@@ -9,6 +9,7 @@ from typing import Literal, NamedTuple
 __all__ = [
     "Balance",
     "BalanceChange",
+    "LimitState",
     "PlanChange",
     "Reservation",
     "ReservationRef",
@@ -23,6 +24,25 @@ def _utc(ms: int) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitState:
+    """One rate limit after a call, for ``RateLimit`` / ``RateLimit-Policy`` headers.
+
+    ``limit`` units per ``window_s`` seconds; ``remaining`` units could still
+    pass now; ``reset_s`` seconds until the limit is whole again. ``shadow``
+    limits are computed and recorded but never refuse; ``would_refuse`` says
+    whether this one would have.
+    """
+
+    name: str
+    limit: int
+    window_s: int
+    remaining: int
+    reset_s: int
+    shadow: bool = False
+    would_refuse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SpendResult:
     """A successful spend. ``None`` remaining means unlimited (a bypassing plan)."""
 
@@ -31,6 +51,7 @@ class SpendResult:
     chat_messages_remaining: int | None
     sequence: int
     replayed: bool = False
+    limits: tuple[LimitState, ...] = ()
 
     @property
     def unlimited(self) -> bool:
