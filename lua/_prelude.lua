@@ -15,6 +15,10 @@
 --                             for something else
 --   ARGV[5] idempotency window, ms
 --   ARGV[6] bypassing plans   '|paid|demo|': plans whose spends are unlimited
+--   ARGV[7] plan rules        rate limits and refills of every plan that has
+--                             any, one line per plan (format in engine.py,
+--                             Rules); '' for none
+--   ARGV[8] model             for per-model rate limits; '' for none
 --
 -- Every reply is an array {status, replayed, ...}; status 0 is success.
 -- Numbers never pass through tostring() (it keeps only 14 digits); amounts stay
@@ -22,13 +26,14 @@
 
 local OK, MISSING, NO_CREDITS, NO_CHAT = 0, 1, 2, 3
 local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
-local RES_EXISTS, RES_CLOSED = 8, 9
+local RES_EXISTS, RES_CLOSED, RATE_LIMITED = 8, 9, 10
 local MAX_AMOUNT = 9007199254740992
 
 local ctx = {
   acct = KEYS[1], holds = KEYS[2], journal = KEYS[3], idem = KEYS[4],
   account = ARGV[1], idem_key = ARGV[3], fingerprint = ARGV[4],
   idem_window = tonumber(ARGV[5]), bypass_plans = ARGV[6],
+  rules = ARGV[7], model = ARGV[8],
 }
 
 do
@@ -126,3 +131,150 @@ local function remaining_chat()
   return ctx.chat
 end
 
+
+local function split(text, separator)
+  local parts = {}
+  for part in string.gmatch(text, '[^' .. separator .. ']+') do parts[#parts + 1] = part end
+  return parts
+end
+
+-- The rate limits and refills of the account's plan, as two strings.
+local function plan_rules()
+  if ctx.rules == '' then return '', '' end
+  local start = string.find(ctx.rules, '\n' .. ctx.plan .. '|', 1, true)
+  if not start then return '', '' end
+  local finish = string.find(ctx.rules, '\n', start + 1, true) or (#ctx.rules + 1)
+  local line = string.sub(ctx.rules, start + #ctx.plan + 2, finish - 1)
+  local bar = string.find(line, '|', 1, true)
+  return string.sub(line, 1, bar - 1), string.sub(line, bar + 1)
+end
+
+-- Free balances that refill on a schedule, lazily: whichever script touches
+-- the account first in a new period tops the balance up (never down) and
+-- journals it. No scheduled job has to run. Each refill is
+-- 'resource,amount,r,period_ms' (rolling: a period after the last refill) or
+-- 'resource,amount,c,start1,start2,start3' (calendar: the latest period start
+-- not after the server's time). The first touch only starts the clock.
+local function apply_refills(refills)
+  for _, text in ipairs(split(refills, ';')) do
+    local f = split(text, ',')
+    local field, amount = 'f' .. f[1], tonumber(f[2])
+    local marker = tonumber(redis.call('HGET', ctx.acct, field) or '-1')
+    local period_start
+    if f[3] == 'r' then
+      if marker < 0 or ctx.now >= marker + tonumber(f[4]) then period_start = ctx.now end
+    else
+      period_start = tonumber(f[4])
+      for i = 5, 6 do
+        if tonumber(f[i]) <= ctx.now then period_start = tonumber(f[i]) end
+      end
+      if marker >= period_start then period_start = nil end
+    end
+    if period_start then
+      redis.call('HSET', ctx.acct, field, period_start)
+      local balance = ctx.chat
+      if f[1] == 'c' then balance = ctx.credits end
+      if marker >= 0 and balance < amount then
+        local delta = amount - balance
+        if f[1] == 'c' then ctx.credits = amount else ctx.chat = amount end
+        save_balances()
+        if f[1] == 'c' then
+          journal('refill', delta, 0, {'f', 'refill'})
+        else
+          journal('refill', 0, delta, {'f', 'refill'})
+        end
+      end
+    end
+  end
+end
+
+-- Evaluates every rate limit of the plan for a call of one request weighing
+-- 'credit_weight' credits, without writing anything. Each limit is
+-- 'name,kind,rate,period_ms,burst,per_model,shadow': kind 'r' counts requests
+-- with GCRA (one stored number: the theoretical arrival time), kind 'c' is a
+-- token bucket drained by the call's credits (stored as 'tokens:time').
+-- Returns a refusal reply or nil, the states for the reply (7 values each),
+-- and the field/value pairs to store if the call goes ahead.
+local function evaluate_limits(limits, requests, credit_weight)
+  local states, writes = {}, {}
+  if limits == '' then return nil, states, writes end
+  for _, text in ipairs(split(limits, ';')) do
+    local f = split(text, ',')
+    local name, rate, period, burst = f[1], tonumber(f[3]), tonumber(f[4]), tonumber(f[5])
+    local shadow = f[7] == '1'
+    local field = 'l.' .. name
+    if f[6] == '1' then field = field .. '.' .. ctx.model end
+    local allowed, remaining, reset_ms, retry_ms, value
+    if f[2] == 'r' then
+      local interval = period / rate
+      local tat = math.max(tonumber(redis.call('HGET', ctx.acct, field) or '0'), ctx.now)
+      local new_tat = tat + interval * requests
+      local allow_at = new_tat - interval * burst
+      allowed = allow_at <= ctx.now
+      if allowed then
+        value = new_tat
+        remaining = math.floor((ctx.now - allow_at) / interval)
+        reset_ms = new_tat - ctx.now
+      else
+        retry_ms = allow_at - ctx.now
+        remaining = 0
+        reset_ms = tat - ctx.now
+      end
+    else
+      local per_ms = rate / period
+      local tokens, last = burst, ctx.now
+      local stored = redis.call('HGET', ctx.acct, field)
+      if stored then
+        local sep = string.find(stored, ':', 1, true)
+        tokens = tonumber(string.sub(stored, 1, sep - 1))
+        last = tonumber(string.sub(stored, sep + 1))
+      end
+      tokens = math.min(burst, tokens + (ctx.now - last) * per_ms)
+      allowed = credit_weight <= tokens
+      local left = tokens
+      if allowed then
+        left = tokens - credit_weight
+        value = string.format('%.17g:%d', left, ctx.now)
+      else
+        retry_ms = (credit_weight - tokens) / per_ms
+      end
+      remaining = math.floor(left)
+      reset_ms = (burst - left) / per_ms
+    end
+    local shadow_flag, refused_flag = 0, 0
+    if shadow then shadow_flag = 1 end
+    if not allowed then
+      if not shadow then
+        return {RATE_LIMITED, 0, name, math.ceil(retry_ms)}, states, writes
+      end
+      refused_flag = 1
+    else
+      writes[#writes + 1] = field
+      writes[#writes + 1] = value
+    end
+    local n = #states
+    states[n + 1], states[n + 2], states[n + 3] = name, rate, math.ceil(period / 1000)
+    states[n + 4], states[n + 5] = remaining, math.ceil(math.max(reset_ms, 0) / 1000)
+    states[n + 6], states[n + 7] = shadow_flag, refused_flag
+  end
+  return nil, states, writes
+end
+
+-- Names of the shadow limits that would have refused, for the journal.
+local function shadow_refusals(states)
+  local names = {}
+  for i = 1, #states, 7 do
+    if states[i + 6] == 1 then names[#names + 1] = states[i] end
+  end
+  return table.concat(names, ' ')
+end
+
+local function store_limits(writes)
+  if #writes > 0 then redis.call('HSET', ctx.acct, unpack(writes)) end
+end
+
+-- Appends the limit states to a reply.
+local function with_states(reply, states)
+  for i = 1, #states do reply[#reply + 1] = states[i] end
+  return reply
+end

@@ -3,11 +3,11 @@
 -- on top of a newer value in PostgreSQL.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     credit delta (signed, |delta| <= 2^53)
--- ARGV[8]     chat message delta (signed, |delta| <= 2^53)
--- ARGV[9]     operation name for the journal: 'grant' or 'correct'
--- ARGV[10]    reason, '' for none (journaled as field 'f')
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     credit delta (signed, |delta| <= 2^53)
+-- ARGV[10]    chat message delta (signed, |delta| <= 2^53)
+-- ARGV[11]    operation name for the journal: 'grant' or 'correct'
+-- ARGV[12]    reason, '' for none (journaled as field 'f')
 --
 -- Returns {0, replayed, credits, chat messages, sequence};
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
@@ -22,7 +22,7 @@ if replay then return replay end
 if not load_account() then return {MISSING, 0} end
 prune_lapsed_holds()
 
-local credit_delta, chat_delta = tonumber(ARGV[7]), tonumber(ARGV[8])
+local credit_delta, chat_delta = tonumber(ARGV[9]), tonumber(ARGV[10])
 if credit_delta < 0 and -credit_delta > available() then
   return {NO_CREDITS, 0, -credit_delta, available()}
 end
@@ -37,6 +37,6 @@ ctx.credits = ctx.credits + credit_delta
 ctx.chat = ctx.chat + chat_delta
 save_balances()
 local extra = nil
-if ARGV[10] ~= '' then extra = {'f', ARGV[10]} end
-local seq = journal(ARGV[9], credit_delta, chat_delta, extra)
+if ARGV[12] ~= '' then extra = {'f', ARGV[12]} end
+local seq = journal(ARGV[11], credit_delta, chat_delta, extra)
 return idem_store({OK, 0, ctx.credits, ctx.chat, seq})

@@ -3,10 +3,10 @@
 --
 -- KEYS[1..5]  account, holds, journal, idempotency, reservation record
 --             (see reserve.lua)
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     new lease length from now, ms
--- ARGV[8]     reservation id
--- ARGV[9]     retention of the record after its deadline, ms
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     new lease length from now, ms
+-- ARGV[10]    reservation id
+-- ARGV[11]    retention of the record after its deadline, ms
 --
 -- Returns {0, replayed, new deadline (ms), sequence, amount held};
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
@@ -19,7 +19,7 @@ local CLOSED_STATE = {s = 1, x = 2, l = 3}
 
 local replay = idem_replay()
 if replay then return replay end
-local record, rid = KEYS[5], ARGV[8]
+local record, rid = KEYS[5], ARGV[10]
 local r = redis.call('HMGET', record, 'dl', 'st', 'bp', 'amt')
 if not r[1] then return {RES_NOT_FOUND, 0} end
 if r[2] ~= 'a' then return {RES_CLOSED, 0, CLOSED_STATE[r[2]]} end
@@ -27,7 +27,7 @@ if not load_account() then return {MISSING, 0} end
 prune_lapsed_holds()
 if ctx.now >= tonumber(r[1]) then return {RES_LAPSED, 0, tonumber(r[1])} end
 
-local ttl, retention = tonumber(ARGV[7]), tonumber(ARGV[9])
+local ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[11])
 local deadline = ctx.now + ttl
 if r[3] ~= '1' then redis.call('ZADD', ctx.holds, deadline, rid) end
 redis.call('HSET', record, 'dl', deadline)

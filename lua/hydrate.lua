@@ -3,12 +3,12 @@
 -- racing to load the same account cannot overwrite each other's updates.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     credits
--- ARGV[8]     chat messages
--- ARGV[9]     plan
--- ARGV[10]    last sequence number applied in the system of record
--- ARGV[11]    1 to journal the opening balances (op 'open'): for an account
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     credits
+-- ARGV[10]    chat messages
+-- ARGV[11]    plan
+-- ARGV[12]    last sequence number applied in the system of record
+-- ARGV[13]    1 to journal the opening balances (op 'open'): for an account
 --             new to the system of record, or one it holds but never received
 --             a journal entry for (a legacy row), so its ledger sums to its
 --             balance
@@ -16,10 +16,10 @@
 -- Returns {0, 0, inserted (0/1)}.
 
 if redis.call('EXISTS', ctx.acct) == 1 then return {OK, 0, 0} end
-ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[7]), tonumber(ARGV[8]), 0, ARGV[9]
+ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[9]), tonumber(ARGV[10]), 0, ARGV[11]
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
-  's', ARGV[10])
-if ARGV[11] == '1' then
+  's', ARGV[12])
+if ARGV[13] == '1' then
   journal('open', ctx.credits, ctx.chat)
 end
 return {OK, 0, 1}

@@ -5,17 +5,24 @@
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
 -- KEYS[5]     reservation record (hash: amt, dl, st, bp, f; outcome fields
 --             once closed), expires a retention period after its deadline
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     amount to hold (1..2^53)
--- ARGV[8]     lease length, ms
--- ARGV[9]     reservation id (32 hex characters, made by the client)
--- ARGV[10]    retention of the record after its deadline, ms
--- ARGV[11]    feature name, '' for none
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     amount to hold (1..2^53)
+-- ARGV[10]    lease length, ms
+-- ARGV[11]    reservation id (32 hex characters, made by the client)
+-- ARGV[12]    retention of the record after its deadline, ms
+-- ARGV[13]    feature name, '' for none
+-- ARGV[14]    chat messages spent with the hold (a streamed chat turn), 0..2^53
 --
--- Returns {0, replayed, deadline (ms, server clock), sequence, reservation id}
---   (a replay answers with the first call's reservation id);
+-- Rate limits of the plan are checked in the same step, the credit-weighted
+-- ones with the amount held; a refill due is applied first.
+--
+-- Returns {0, replayed, deadline (ms, server clock), sequence, reservation id,
+--   limit states (7 values each, see debit.lua)...} (a replay answers with the
+--   first call's reservation id);
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
 --   {2, 0, required, available} when credits are short;
+--   {3, 0, required, available} when chat messages are short;
+--   {10, 0, limit name, retry after ms} when a rate limit refuses;
 --   {6, 0} when the idempotency key was used for another call;
 --   {8, 0} when a reservation with this id exists already.
 
@@ -24,24 +31,41 @@ if replay then return replay end
 if not load_account() then return {MISSING, 0} end
 prune_lapsed_holds()
 
-local record, rid = KEYS[5], ARGV[9]
+local limits, refills = plan_rules()
+apply_refills(refills)
+
+local record, rid = KEYS[5], ARGV[11]
 if redis.call('EXISTS', record) == 1 then return {RES_EXISTS, 0} end
-local amount, ttl, retention = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[10])
+local amount, ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[12])
+local messages = tonumber(ARGV[14])
 local deadline = ctx.now + ttl
+local refusal, states, writes = evaluate_limits(limits, 1, amount)
+if refusal then return refusal end
 
 local bypass = 0
 if ctx.bypass then
   bypass = 1
-elseif amount > available() then
-  return {NO_CREDITS, 0, amount, available()}
 else
+  if amount > available() then return {NO_CREDITS, 0, amount, available()} end
+  if messages > ctx.chat then return {NO_CHAT, 0, messages, ctx.chat} end
   ctx.held = ctx.held + amount
-  redis.call('HSET', ctx.acct, 'h', ctx.held, 'r.' .. rid, amount)
+  ctx.chat = ctx.chat - messages
+  save_balances()
+  redis.call('HSET', ctx.acct, 'r.' .. rid, amount)
   redis.call('ZADD', ctx.holds, deadline, rid)
 end
+store_limits(writes)
 
 redis.call('HSET', record, 'amt', amount, 'dl', deadline, 'st', 'a', 'bp', bypass,
-  'f', ARGV[11])
+  'f', ARGV[13])
 redis.call('PEXPIRE', record, ttl + retention)
-local seq = journal('reserve', 0, 0, {'r', rid, 'x', amount})
-return idem_store({OK, 0, deadline, seq, rid})
+local extra = {'r', rid, 'x', amount, 'um', messages}
+local shadows = shadow_refusals(states)
+if shadows ~= '' then
+  extra[#extra + 1] = 'sh'
+  extra[#extra + 1] = shadows
+end
+local chat_delta = -messages
+if bypass == 1 then chat_delta = 0 end
+local seq = journal('reserve', 0, chat_delta, extra)
+return idem_store(with_states({OK, 0, deadline, seq, rid}, states))

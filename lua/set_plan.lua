@@ -1,8 +1,8 @@
 -- set_plan: move an account to another plan (free, paid, demo or a custom one).
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     the new plan's name
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     the new plan's name
 --
 -- Returns {0, replayed, sequence, previous plan};
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
@@ -14,7 +14,7 @@ if not load_account() then return {MISSING, 0} end
 prune_lapsed_holds()
 
 local previous = ctx.plan
-ctx.plan = ARGV[7]
+ctx.plan = ARGV[9]
 redis.call('HSET', ctx.acct, 'p', ctx.plan)
 local seq = journal('plan', 0, 0)
 return idem_store({OK, 0, seq, previous})

@@ -4,13 +4,13 @@
 --
 -- KEYS[1..5]  account, holds, journal, idempotency, reservation record
 --             (see reserve.lua)
--- ARGV[1..6]  common arguments (see _prelude.lua)
--- ARGV[7]     'settle' or 'release'
--- ARGV[8]     actual cost (0..2^53; ignored on release)
--- ARGV[9]     reservation id
--- ARGV[10]    1 to charge a lapsed reservation anyway (as far as the available
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     'settle' or 'release'
+-- ARGV[10]    actual cost (0..2^53; ignored on release)
+-- ARGV[11]    reservation id
+-- ARGV[12]    1 to charge a lapsed reservation anyway (as far as the available
 --             balance goes), 0 to refuse
--- ARGV[11]    retention of the closed record, ms
+-- ARGV[13]    retention of the closed record, ms
 --
 -- A cost above the amount held is charged only as far as the available
 -- balance goes, never below zero; the rest is replied as uncharged.
@@ -28,7 +28,7 @@ local CLOSED_STATE = {s = SETTLED, x = RELEASED, l = LATE}
 
 local replay = idem_replay()
 if replay then return replay end
-local record, rid = KEYS[5], ARGV[9]
+local record, rid = KEYS[5], ARGV[11]
 local r = redis.call('HMGET', record, 'amt', 'dl', 'st', 'bp', 'f', 'ch', 'un', 'c', 'q')
 if not r[1] then return {RES_NOT_FOUND, 0} end
 if r[3] ~= 'a' then
@@ -39,8 +39,8 @@ if not load_account() then return {MISSING, 0} end
 
 local amount, deadline, bypass = tonumber(r[1]), tonumber(r[2]), r[4] == '1'
 local lapsed = ctx.now >= deadline
-local release = ARGV[7] == 'release'
-if lapsed and not release and ARGV[10] ~= '1' then
+local release = ARGV[9] == 'release'
+if lapsed and not release and ARGV[12] ~= '1' then
   prune_lapsed_holds()
   return {RES_LAPSED, 0, deadline}
 end
@@ -55,7 +55,7 @@ end
 
 local outcome, state, actual, charged = RELEASED, 'x', 0, 0
 if not release then
-  actual = tonumber(ARGV[8])
+  actual = tonumber(ARGV[10])
   outcome, state = SETTLED, 's'
   if lapsed then outcome, state = LATE, 'l' end
   if bypass then
@@ -75,10 +75,10 @@ if r[5] and r[5] ~= '' then
   extra[#extra + 1] = 'f'
   extra[#extra + 1] = r[5]
 end
-local seq = journal(ARGV[7], credit_delta, 0, extra)
+local seq = journal(ARGV[9], credit_delta, 0, extra)
 
 local left = ctx.credits
 if bypass then left = -1 end
 redis.call('HSET', record, 'st', state, 'ch', charged, 'un', uncharged, 'c', left, 'q', seq)
-redis.call('PEXPIRE', record, tonumber(ARGV[11]))
+redis.call('PEXPIRE', record, tonumber(ARGV[13]))
 return idem_store({OK, 0, outcome, charged, uncharged, left, seq})

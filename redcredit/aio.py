@@ -147,26 +147,39 @@ class AsyncRedCredit:
         *,
         cost: int | None = None,
         units: int | None = None,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> SpendResult:
         """Spends credits priced by ``feature`` (from the cost table) or an explicit ``cost``.
 
         Raises :class:`InsufficientCredits` (changing nothing) when the available
-        balance is short. On a bypassing plan the result's remaining is ``None``.
+        balance is short, :class:`RateLimited` when a rate limit of the plan
+        refuses (``model`` selects per-model limits). On a bypassing plan the
+        result's remaining is ``None``.
         """
         return await self.run(
             self.engine.spend(
-                account, feature, cost=cost, units=units, idempotency_key=idempotency_key
+                account,
+                feature,
+                cost=cost,
+                units=units,
+                model=model,
+                idempotency_key=idempotency_key,
             )
         )
 
     async def spend_chat_message(
-        self, account: str, *, messages: int = 1, idempotency_key: str | None = None
+        self,
+        account: str,
+        *,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> SpendResult:
         """Spends chat messages; :class:`InsufficientChatMessages` when none are left."""
         return await self.run(
             self.engine.spend_chat_message(
-                account, messages=messages, idempotency_key=idempotency_key
+                account, messages=messages, model=model, idempotency_key=idempotency_key
             )
         )
 
@@ -178,9 +191,14 @@ class AsyncRedCredit:
         cost: int | None = None,
         units: int | None = None,
         messages: int = 1,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> SpendResult:
-        """One chat message and the turn's credits together: a refused turn spends neither."""
+        """One chat message and the turn's credits together: a refused turn spends neither.
+
+        The plan's rate limits are checked in the same step: a turn refused by
+        any of them spends nothing at all.
+        """
         return await self.run(
             self.engine.chat_turn(
                 account,
@@ -188,6 +206,7 @@ class AsyncRedCredit:
                 cost=cost,
                 units=units,
                 messages=messages,
+                model=model,
                 idempotency_key=idempotency_key,
             )
         )
@@ -237,8 +256,17 @@ class AsyncRedCredit:
     ) -> PlanChange:
         return await self.run(self.engine.set_plan(account, plan, idempotency_key=idempotency_key))
 
-    async def balance(self, account: str) -> Balance:
-        return await self.run(self.engine.balance(account))
+    async def balance(self, account: str, *, model: str | None = None) -> Balance:
+        """Balances and rate limits, read without spending (refills due are applied)."""
+        return await self.run(self.engine.balance(account, model=model))
+
+    async def reset_limits(
+        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+    ) -> int:
+        """Admin: forgets one rate limit's state (or all); returns the states removed."""
+        return await self.run(
+            self.engine.reset_limits(account, name, idempotency_key=idempotency_key)
+        )
 
     async def reserve(
         self,
@@ -247,15 +275,23 @@ class AsyncRedCredit:
         *,
         ttl: int | timedelta | None = None,
         feature: str | None = None,
+        messages: int = 0,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> Reservation:
-        """Holds ``amount`` credits until the lease ends (``ttl`` seconds, server clock)."""
+        """Holds ``amount`` credits until the lease ends (``ttl`` seconds, server clock).
+
+        ``messages`` chat messages are spent with the hold, in the same step (a
+        streamed chat turn); rate limits are checked with the amount held.
+        """
         return await self.run(
             self.engine.reserve(
                 account,
                 amount,
                 ttl=ttl,
                 feature=feature,
+                messages=messages,
+                model=model,
                 reservation_id=uuid.uuid4().hex,
                 idempotency_key=idempotency_key,
             )

@@ -11,6 +11,7 @@ touches Redis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,7 @@ from .errors import (
     InsufficientCredits,
     InvalidInput,
     NotDurable,
+    RateLimited,
     RedCreditError,
     ReservationClosed,
     ReservationError,
@@ -36,6 +38,7 @@ from .loader import AccountSnapshot
 from .results import (
     Balance,
     BalanceChange,
+    LimitState,
     PlanChange,
     Reservation,
     ReservationRef,
@@ -43,6 +46,7 @@ from .results import (
     SettlementOutcome,
     SpendResult,
 )
+from .rules import Rules
 from .scripts import LuaScript, load_scripts
 
 __all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall", "check_durable"]
@@ -60,6 +64,7 @@ IDEM_CONFLICT: Final = 6
 OVERFLOW: Final = 7
 RES_EXISTS: Final = 8
 RES_CLOSED: Final = 9
+RATE_LIMITED: Final = 10
 
 _OUTCOMES: Final[dict[int, SettlementOutcome]] = {1: "settled", 2: "released", 3: "settled_late"}
 
@@ -105,6 +110,7 @@ class Engine:
         self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
         self.scripts = load_scripts()
         self.costs = settings.costs
+        self.rules = Rules(settings)
         # Only tests move the clock: it shifts the server's TIME inside scripts.
         self.clock_offset_ms = 0
         self._bypass = "|" + "|".join(settings.bypass_plans) + "|"
@@ -130,6 +136,7 @@ class Engine:
         fingerprint: str,
         args: Sequence[str | int],
         extra_keys: Sequence[str] = (),
+        model: str = "",
     ) -> ScriptCall:
         return ScriptCall(
             self.scripts[script],
@@ -141,6 +148,8 @@ class Engine:
                 fingerprint,
                 self._idem_window_ms,
                 self._bypass,
+                self.rules.text(),
+                model,
                 *args,
             ],
             # Reads need no wait; a hydration is waited for by the call it serves.
@@ -212,6 +221,8 @@ class Engine:
                 account=account,
                 reservation_id=reservation_id,
             )
+        if status == RATE_LIMITED:
+            raise RateLimited(account, _text(reply[2]), int(reply[3]))
         if status == RES_EXISTS:
             raise ReservationError(
                 f"reservation id {reservation_id} is already in use",
@@ -240,17 +251,23 @@ class Engine:
         *,
         cost: int | None = None,
         units: int | None = None,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> Operation[SpendResult]:
         """Spends credits, priced from the cost table by feature or given as ``cost``."""
         credits, feature_name = self._price(feature, cost, units)
-        return self._debit_op(account, "spend", credits, 0, feature_name, idempotency_key)
+        return self._debit_op(account, "spend", credits, 0, feature_name, model, idempotency_key)
 
     def spend_chat_message(
-        self, account: str, *, messages: int = 1, idempotency_key: str | None = None
+        self,
+        account: str,
+        *,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Operation[SpendResult]:
         messages = v.check_amount(messages, name="messages", allow_zero=False)
-        return self._debit_op(account, "chat", 0, messages, "", idempotency_key)
+        return self._debit_op(account, "chat", 0, messages, "", model, idempotency_key)
 
     def chat_turn(
         self,
@@ -260,12 +277,15 @@ class Engine:
         cost: int | None = None,
         units: int | None = None,
         messages: int = 1,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> Operation[SpendResult]:
         """Spends chat messages and credits together: a refused turn spends neither."""
         credits, feature_name = self._price(feature, cost, units)
         messages = v.check_amount(messages, name="messages", allow_zero=False)
-        return self._debit_op(account, "turn", credits, messages, feature_name, idempotency_key)
+        return self._debit_op(
+            account, "turn", credits, messages, feature_name, model, idempotency_key
+        )
 
     def _debit_op(
         self,
@@ -274,17 +294,20 @@ class Engine:
         credits: int,
         messages: int,
         feature_name: str,
+        model: str | None,
         idempotency_key: str | None,
     ) -> Operation[SpendResult]:
         account = v.check_account_id(account)
+        model_name = _model(model)
         idempotency_key = v.check_idempotency_key(idempotency_key)
         keys = self.keys.for_account(account)
         call = self._call(
             "debit",
             keys,
             idempotency_key,
-            f"{op}:{credits}:{messages}:{feature_name}",
+            f"{op}:{credits}:{messages}:{feature_name}:{model_name}",
             [credits, messages, feature_name, op],
+            model=model_name,
         )
         return self._debit(call, keys)
 
@@ -297,6 +320,7 @@ class Engine:
             _unlimited_as_none(reply[3]),
             int(reply[4]),
             bool(reply[1]),
+            _limit_states(reply, 5),
         )
 
     def grant(
@@ -373,10 +397,11 @@ class Engine:
         self._raise_refusal(reply, keys.account)
         return PlanChange(keys.account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
 
-    def balance(self, account: str) -> Operation[Balance]:
+    def balance(self, account: str, *, model: str | None = None) -> Operation[Balance]:
         account = v.check_account_id(account)
+        model_name = _model(model)
         keys = self.keys.for_account(account)
-        return self._balance(self._call("balance", keys, None, "", []), keys)
+        return self._balance(self._call("balance", keys, None, "", [], model=model_name), keys)
 
     def _balance(self, call: ScriptCall, keys: AccountKeys) -> Operation[Balance]:
         reply = yield from self._run(call, keys)
@@ -390,6 +415,7 @@ class Engine:
             sequence=int(reply[6]),
             unlimited=bool(reply[7]),
             server_time_ms=int(reply[8]),
+            limits=_limit_states(reply, 9),
         )
 
     def reserve(
@@ -399,11 +425,16 @@ class Engine:
         *,
         ttl: int | timedelta | None = None,
         feature: str | None = None,
+        messages: int = 0,
+        model: str | None = None,
         reservation_id: str,
         idempotency_key: str | None = None,
     ) -> Operation[Reservation]:
+        """Holds credits (and spends ``messages`` chat messages) until the lease ends."""
         account = v.check_account_id(account)
         amount = v.check_amount(amount, name="amount", allow_zero=False)
+        messages = v.check_amount(messages, name="messages")
+        model_name = _model(model)
         ttl_ms = self.ttl_ms(ttl)
         feature_name = "" if feature is None else v.check_feature_name(feature)
         reservation_id = v.check_reservation_id(reservation_id)
@@ -415,9 +446,10 @@ class Engine:
             "reserve",
             keys,
             idempotency_key,
-            f"reserve:{amount}:{ttl_ms}:{feature_name}",
-            [amount, ttl_ms, reservation_id, self._retention_ms, feature_name],
+            f"reserve:{amount}:{ttl_ms}:{feature_name}:{messages}:{model_name}",
+            [amount, ttl_ms, reservation_id, self._retention_ms, feature_name, messages],
             [keys.reservation(reservation_id)],
+            model=model_name,
         )
         return self._reserve(call, keys, reservation_id, amount)
 
@@ -434,7 +466,24 @@ class Engine:
             deadline_ms=int(reply[2]),
             sequence=int(reply[3]),
             replayed=bool(reply[1]),
+            limits=_limit_states(reply, 5),
         )
+
+    def reset_limits(
+        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+    ) -> Operation[int]:
+        """Forgets the state of one rate limit (or all) of an account; journaled."""
+        account = v.check_account_id(account)
+        limit = "" if name is None else _limit_name(name)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        keys = self.keys.for_account(account)
+        call = self._call("reset_limits", keys, idempotency_key, f"reset_limits:{limit}", [limit])
+        return self._reset_limits(call, keys)
+
+    def _reset_limits(self, call: ScriptCall, keys: AccountKeys) -> Operation[int]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return int(reply[2])
 
     def close_reservation(
         self,
@@ -510,6 +559,34 @@ class Engine:
             deadline_ms=int(reply[2]),
             sequence=int(reply[3]),
         )
+
+
+def _model(model: str | None) -> str:
+    return "" if model is None else v.check_feature_name(model)
+
+
+_LIMIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def _limit_name(name: object) -> str:
+    if not isinstance(name, str) or not _LIMIT_NAME.fullmatch(name):
+        raise InvalidInput(f"limit name must be 1-32 characters of a-z 0-9 _, not {name!r:.60}")
+    return name
+
+
+def _limit_states(reply: list[Any], start: int) -> tuple[LimitState, ...]:
+    return tuple(
+        LimitState(
+            name=_text(reply[i]),
+            limit=int(reply[i + 1]),
+            window_s=int(reply[i + 2]),
+            remaining=int(reply[i + 3]),
+            reset_s=int(reply[i + 4]),
+            shadow=bool(reply[i + 5]),
+            would_refuse=bool(reply[i + 6]),
+        )
+        for i in range(start, len(reply), 7)
+    )
 
 
 def check_durable(call: ScriptCall, reply: Any, acknowledged: Any) -> None:

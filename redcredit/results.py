@@ -94,6 +94,8 @@ class Balance:
     unlimited: bool
     sequence: int
     server_time_ms: int
+    # Rate limits read without spending (a peek).
+    limits: tuple[LimitState, ...] = ()
 
     @property
     def available(self) -> int:
@@ -117,6 +119,7 @@ class Reservation:
     deadline_ms: int
     sequence: int
     replayed: bool = False
+    limits: tuple[LimitState, ...] = ()
 
     @property
     def deadline(self) -> datetime:

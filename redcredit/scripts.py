@@ -15,7 +15,17 @@ from pathlib import Path
 
 __all__ = ["SCRIPT_NAMES", "STANDALONE_NAMES", "LuaScript", "load_scripts", "lua_dir"]
 
-SCRIPT_NAMES = ("adjust", "balance", "debit", "extend", "hydrate", "reserve", "set_plan", "settle")
+SCRIPT_NAMES = (
+    "adjust",
+    "balance",
+    "debit",
+    "extend",
+    "hydrate",
+    "reserve",
+    "reset_limits",
+    "set_plan",
+    "settle",
+)
 # Scripts of the syncer and maintenance: they share none of the prelude.
 STANDALONE_NAMES = ("ack", "evict")
 
