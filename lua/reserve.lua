@@ -60,6 +60,10 @@ redis.call('HSET', record, 'amt', amount, 'dl', deadline, 'st', 'a', 'bp', bypas
   'f', ARGV[13])
 redis.call('PEXPIRE', record, ttl + retention)
 local extra = {'r', rid, 'x', amount, 'um', messages}
+if ARGV[13] ~= '' then
+  extra[#extra + 1] = 'f'
+  extra[#extra + 1] = ARGV[13]
+end
 local shadows = shadow_refusals(states)
 if shadows ~= '' then
   extra[#extra + 1] = 'sh'

@@ -5,6 +5,7 @@ the same script, for the system of record to pick up.
 """
 
 from .aio import AsyncRedCredit
+from .asgi import CreditGate
 from .blocks import AsyncReservationBlock, ReservationBlock
 from .client import RedCredit
 from .config import PlanSettings, Settings
@@ -41,6 +42,7 @@ from .results import (
     Settlement,
     SpendResult,
 )
+from .routes import Route
 
 __all__ = [
     "AccountIdError",
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigError",
     "CostRule",
     "CostTable",
+    "CreditGate",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
@@ -76,6 +79,7 @@ __all__ = [
     "ReservationLapsed",
     "ReservationNotFound",
     "ReservationRef",
+    "Route",
     "Settings",
     "Settlement",
     "SpendResult",

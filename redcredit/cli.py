@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     # Imported late: keeps `redcredit --help` fast.
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(serve=not args.no_serve, port=args.port, serve_seconds=args.serve_seconds)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -133,9 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="TOML file with [redcredit] and [costs] tables")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "demo", help="play a short scenario on Redis (embedded unless REDCREDIT_REDIS_URL is set)"
-    ).set_defaults(handler=_demo)
+    demo = commands.add_parser(
+        "demo",
+        help="play a scenario, then serve a gated chat API (on embedded Redis and PostgreSQL "
+        "unless REDCREDIT_REDIS_URL / REDCREDIT_DATABASE_URL are set)",
+    )
+    demo.add_argument("--no-serve", action="store_true", help="play the scenario and exit")
+    demo.add_argument("--port", type=int, default=0, help="port of the chat API (default: free)")
+    demo.add_argument("--serve-seconds", type=float, help="stop serving after this long")
+    demo.set_defaults(handler=_demo)
     commands.add_parser(
         "migrate", help="create or upgrade the PostgreSQL schema (safe to run twice)"
     ).set_defaults(handler=_migrate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import os
@@ -13,12 +14,14 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+import uvicorn
 from psycopg import sql
 
 from .client import RedCredit
 from .config import Settings
 from .costs import CostTable
-from .embedded import EmbeddedRedis
+from .demo_server import build_app, demo_settings
+from .embedded import EmbeddedRedis, free_port
 from .embedded_pg import EmbeddedPostgres
 from .errors import RedCreditError
 from .migrate import migrate
@@ -77,7 +80,8 @@ def _state(balance: Balance) -> tuple[str, str, str]:
     return credits, str(balance.chat_messages), str(balance.held)
 
 
-def run_demo() -> int:
+def run_demo(*, serve: bool = True, port: int = 0, serve_seconds: float | None = None) -> int:
+    """Plays the scenario, then (``serve``) serves the chat API until Ctrl-C."""
     base = Settings()
     with _redis_url(base) as url, _database_url(base) as database_url:
         settings = base.model_copy(
@@ -165,8 +169,64 @@ def run_demo() -> int:
         syncer.stop()
         syncer.drain()
         _show_ledger(settings, ada)
+        if serve:
+            http_settings = demo_settings(settings)
+            syncer.start()
+            try:
+                _serve(http_settings, run, port, serve_seconds)
+            finally:
+                syncer.stop()
+                syncer.drain()
         syncer.close()
     return 0
+
+
+def _serve(settings: Settings, run: str, port: int, serve_seconds: float | None) -> None:
+    alice, broke, bursty = f"alice-{run}", f"broke-{run}", f"bursty-{run}"
+    with RedCredit(settings=settings) as rc:
+        rc.balance(alice)
+        rc.correct(broke, -298)  # 2 credits left: a completion (5) is refused
+    port = port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    auth = "-H 'Authorization: Bearer {}'"
+    print(
+        f"""
+The chat API is served at {base} — credits, chat messages, 30 requests/min
+(bursts of 5) and 3,000 tokens/min, through the ASGI middleware. Try:
+
+  # a turn that streams 30 tokens, settled at 30 credits
+  curl -N -X POST {base}/v1/chat {auth.format(alice)} -d '{{"max_tokens": 30}}'
+
+  # refused with 402: not enough credits (problem+json body)
+  curl -i -X POST {base}/v1/complete {auth.format(broke)}
+
+  # a burst refused with 429 and Retry-After after 5 requests
+  for i in 1 2 3 4 5 6 7 8; do curl -s -o /dev/null -w '%{{http_code}} ' \\
+    -X POST {base}/v1/complete {auth.format(bursty)}; done; echo
+
+  # a stream cut off after a second: charged for the ~20 tokens it received
+  curl -N --max-time 1 -X POST {base}/v1/chat {auth.format(alice)} -d '{{"max_tokens": 100}}'
+
+  # the account, and its ledger in PostgreSQL
+  curl {base}/v1/account {auth.format(alice)}
+  curl {base}/v1/ledger {auth.format(alice)}
+
+Stop with Ctrl-C.""",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        build_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+
+    async def serve_until_stopped() -> None:
+        if serve_seconds is not None:
+            asyncio.get_running_loop().call_later(
+                serve_seconds, lambda: setattr(server, "should_exit", True)
+            )
+        await server.serve()
+
+    asyncio.run(serve_until_stopped())
 
 
 def _burst_and_drain(rc: RedCredit, syncer: Syncer, run: str) -> None:

@@ -29,7 +29,7 @@ def test_demo_plays_the_whole_scenario(
         env["REDCREDIT_REDIS_URL"] = redis_url
         env["REDCREDIT_DATABASE_URL"] = postgres_url
         env["REDCREDIT_PG_SCHEMA"] = pg_schema
-    done = _run("demo", env=env)
+    done = _run("demo", "--no-serve", env=env)
     assert done.returncode == 0, done.stderr
     assert "WARNING" not in done.stderr
     out = done.stdout
@@ -54,6 +54,6 @@ def test_demo_plays_the_whole_scenario(
 
 def test_bad_settings_are_a_clear_error() -> None:
     env = {**os.environ, "REDCREDIT_PARTITIONS": "three"}
-    done = _run("demo", env=env)
+    done = _run("demo", "--no-serve", env=env)
     assert done.returncode == 2
     assert "partitions" in done.stderr and "Traceback" not in done.stderr
