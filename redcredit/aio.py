@@ -16,6 +16,7 @@ from redis.exceptions import NoScriptError
 
 from .backend import async_client, redis_errors_translated, require_url
 from .blocks import AsyncReservationBlock
+from .coalesce import Coalescer
 from .config import Settings
 from .engine import (
     Engine,
@@ -67,6 +68,13 @@ class AsyncRedCredit:
         else:
             self.redis = redis_client
             self._owns_redis = False
+        # Concurrent calls share round trips (see coalesce.py); a cluster
+        # client routes each call to its own node instead.
+        self._coalescer = (
+            Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)
+            if isinstance(self.redis, redis.asyncio.Redis) and self.settings.pipeline_max_batch > 1
+            else None
+        )
         # Without a loader, accounts come from PostgreSQL when one is configured.
         self._owned_loader: AsyncPostgresLoader | None = None
         if loader is None and self.settings.database_url is not None:
@@ -103,6 +111,8 @@ class AsyncRedCredit:
     async def _evalsha(self, call: ScriptCall) -> Any:
         if call.wait is not None:
             return await self._evalsha_durable(call)
+        if self._coalescer is not None:
+            return await self._coalescer.run(call)
         with redis_errors_translated():
             try:
                 return await self.redis.evalsha(

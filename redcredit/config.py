@@ -184,6 +184,7 @@ _COUNTS: Final = (
     "redis_max_connections",
     "database_pool_size",
     "sync_batch_size",
+    "pipeline_max_batch",
 )
 _IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RULE_NUMBERS: Final = frozenset({"base", "per_unit", "max_units"})
@@ -231,6 +232,9 @@ class Settings(BaseSettings):
     redis_socket_timeout: timedelta = timedelta(seconds=2)
     redis_connect_timeout: timedelta = timedelta(seconds=1)
     redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    # The async client sends concurrent calls together, up to this many per
+    # round trip; 1 turns the coalescing off.
+    pipeline_max_batch: int = Field(default=128, ge=1, le=10_000)
     # "aof": answer only once the change reached the AOF on disk (WAITAOF);
     # "replica": once a replica has it (WAIT). Costs a wait per mutating call.
     durability: Literal["none", "aof", "replica"] = "none"

@@ -27,6 +27,24 @@ HEADER = (
 )
 
 RULES: list[tuple[str, str]] = [
+    # The sync client makes one call per round trip: no coalescing.
+    ("from .coalesce import Coalescer\n", ""),
+    (
+        "        # Concurrent calls share round trips (see coalesce.py); a cluster\n"
+        "        # client routes each call to its own node instead.\n"
+        "        self._coalescer = (\n"
+        "            Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)\n"
+        "            if isinstance(self.redis, redis.asyncio.Redis)"
+        " and self.settings.pipeline_max_batch > 1\n"
+        "            else None\n"
+        "        )\n",
+        "",
+    ),
+    (
+        "        if self._coalescer is not None:\n"
+        "            return await self._coalescer.run(call)\n",
+        "",
+    ),
     (
         "import redis.asyncio\nimport redis.asyncio.cluster\n",
         "import redis\nimport redis.cluster\n",
