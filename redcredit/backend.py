@@ -18,7 +18,7 @@ from redis.retry import Retry
 from .config import Settings
 from .errors import BackendUnavailable, ConfigError, RedCreditError
 
-__all__ = ["connection_options", "redis_errors_translated", "require_url"]
+__all__ = ["connection_options", "redis_errors_translated", "require_url", "translated"]
 
 
 def require_url(settings: Settings) -> str:
@@ -65,19 +65,24 @@ def async_client(settings: Settings, url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)
 
 
+def translated(error: RedisError) -> RedCreditError:
+    """The redcredit error for a redis-py one."""
+    if isinstance(error, RedisTimeoutError):
+        return BackendUnavailable(
+            f"Redis did not answer in time ({error}); the call may or may not have been "
+            "applied: retry it with the same idempotency key to be sure"
+        )
+    if isinstance(error, RedisConnectionError):
+        return BackendUnavailable(f"Redis is unreachable: {error}")
+    return RedCreditError(f"Redis refused the call: {error}")
+
+
 @contextmanager
 def redis_errors_translated() -> Iterator[None]:
     try:
         yield
-    except RedisTimeoutError as exc:
-        raise BackendUnavailable(
-            f"Redis did not answer in time ({exc}); the call may or may not have been "
-            "applied: retry it with the same idempotency key to be sure"
-        ) from exc
-    except RedisConnectionError as exc:
-        raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
     except RedisError as exc:
-        raise RedCreditError(f"Redis refused the call: {exc}") from exc
+        raise translated(exc) from exc
 
 
 def _seconds(duration: timedelta) -> float:

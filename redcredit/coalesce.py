@@ -16,10 +16,11 @@ import asyncio
 from typing import Any
 
 import redis.asyncio
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, ResponseError
 
-from .backend import redis_errors_translated
+from .backend import redis_errors_translated, translated
 from .engine import ScriptCall
+from .resp import encode_eval, encode_evalsha
 
 __all__ = ["Coalescer"]
 
@@ -76,15 +77,18 @@ class Coalescer:
     async def _execute(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
         self.round_trips += 1
         self.calls += len(batch)
-        if len(batch) == 1:
-            await self._execute_alone(*batch[0])
-            return
+        pool = self._client.connection_pool
         try:
             with redis_errors_translated():
-                pipe = self._client.pipeline(transaction=False)
-                for call, _future in batch:
-                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-                replies = await pipe.execute(raise_on_error=False)
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    replies = await self._round_trip(connection, [call for call, _ in batch])
+                except BaseException:
+                    # A reply may be half read: the connection cannot be reused.
+                    await connection.disconnect()
+                    raise
+                finally:
+                    await pool.release(connection)
         except BaseException as exc:
             # The connection failed: every call of the batch shares the outcome.
             for _call, future in batch:
@@ -93,38 +97,40 @@ class Coalescer:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (call, future), reply in zip(batch, replies, strict=True):
+        for (_call, future), reply in zip(batch, replies, strict=True):
             if future.done():  # the caller was cancelled
                 continue
-            try:
-                with redis_errors_translated():
-                    if isinstance(reply, NoScriptError):
-                        # After a restart or SCRIPT FLUSH: EVAL runs and caches it again.
-                        reply = await self._client.eval(
-                            call.script.source.decode(), len(call.keys), *call.keys, *call.args
-                        )
-                    elif isinstance(reply, RedisError):
-                        raise reply
-            except Exception as exc:
-                future.set_exception(exc)
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
             else:
                 future.set_result(reply)
 
-    async def _execute_alone(self, call: ScriptCall, future: asyncio.Future[Any]) -> None:
-        # A pipeline of one costs more than the plain command.
-        try:
-            with redis_errors_translated():
+    async def _round_trip(self, connection: Any, calls: list[ScriptCall]) -> list[Any]:
+        await connection.send_packed_command(
+            b"".join(encode_evalsha(c.script.sha, c.keys, c.args) for c in calls),
+            check_health=False,
+        )
+        replies: list[Any] = []
+        retry: list[int] = []
+        for index in range(len(calls)):
+            try:
+                replies.append(await connection.read_response())
+            except NoScriptError:
+                replies.append(None)
+                retry.append(index)
+            except ResponseError as exc:
+                replies.append(translated(exc))
+        if retry:
+            # After a restart or SCRIPT FLUSH: EVAL runs the script and caches it again.
+            await connection.send_packed_command(
+                b"".join(
+                    encode_eval(calls[i].script.source, calls[i].keys, calls[i].args) for i in retry
+                ),
+                check_health=False,
+            )
+            for index in retry:
                 try:
-                    reply = await self._client.evalsha(
-                        call.script.sha, len(call.keys), *call.keys, *call.args
-                    )
-                except NoScriptError:
-                    reply = await self._client.eval(
-                        call.script.source.decode(), len(call.keys), *call.keys, *call.args
-                    )
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(reply)
+                    replies[index] = await connection.read_response()
+                except ResponseError as exc:
+                    replies[index] = translated(exc)
+        return replies
