@@ -40,26 +40,23 @@ class Coalescer:
         self.calls = 0
 
     async def run(self, call: ScriptCall) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
-        if self._in_flight < self._max_in_flight:
-            # A free slot: this caller sends the batch it is in, at once.
+        if not self._queue and self._in_flight < self._max_in_flight:
+            # Nothing waiting: this call goes out at once, from the caller's own
+            # task, so cancelling the caller cancels nobody else's call.
             self._in_flight += 1
             try:
-                await self._send_one()
+                return await self._alone(call)
             finally:
                 self._in_flight -= 1
-            self._hand_off()
+                self._hand_off()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future))
+        self._hand_off()
         return await future
 
-    async def _send_one(self) -> None:
-        batch = self._queue[: self._max_batch]
-        del self._queue[: self._max_batch]
-        await self._execute(batch)
-
     def _hand_off(self) -> None:
-        # Calls that queued meanwhile go out from a task, so that no caller
-        # waits for other callers' batches after its own reply is in.
+        # Queued calls go out from a task of their own: no caller sends other
+        # callers' batches, and a cancelled caller cannot cut a shared one short.
         if self._queue and self._in_flight < self._max_in_flight:
             self._in_flight += 1
             sender = asyncio.create_task(self._drain())
@@ -70,25 +67,39 @@ class Coalescer:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                await self._send_one()
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._execute(batch)
         finally:
             self._in_flight -= 1
+
+    async def _alone(self, call: ScriptCall) -> Any:
+        self.round_trips += 1
+        self.calls += 1
+        with redis_errors_translated():
+            reply = (await self._on_connection([call]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _on_connection(self, calls: list[ScriptCall]) -> list[Any]:
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await self._round_trip(connection, calls)
+        except BaseException:
+            # A reply may be half read: the connection cannot be reused.
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def _execute(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
         self.round_trips += 1
         self.calls += len(batch)
-        pool = self._client.connection_pool
         try:
             with redis_errors_translated():
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-                try:
-                    replies = await self._round_trip(connection, [call for call, _ in batch])
-                except BaseException:
-                    # A reply may be half read: the connection cannot be reused.
-                    await connection.disconnect()
-                    raise
-                finally:
-                    await pool.release(connection)
+                replies = await self._on_connection([call for call, _ in batch])
         except BaseException as exc:
             # The connection failed: every call of the batch shares the outcome.
             for _call, future in batch:
