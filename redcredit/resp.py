@@ -8,10 +8,14 @@ shape, so it is encoded here in one pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 __all__ = ["encode_eval", "encode_evalsha"]
 
 
+# Most arguments repeat from call to call (the plan rules, the bypass list,
+# the prefix-laden keys of busy accounts): their encoding is remembered.
+@lru_cache(maxsize=8192)
 def _bulk(value: str | int | bytes) -> bytes:
     if isinstance(value, str):
         data = value.encode()
