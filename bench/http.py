@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import psycopg
@@ -67,6 +69,41 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)] * 1000
 
 
+@contextlib.contextmanager
+def serve(settings: Settings, mode: str) -> Iterator[int]:
+    """Serve the demo app (``gated`` or ``ungated``) in a child process; yields its port."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE, settings.model_dump_json(), mode, str(port)],
+        env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/account", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def prepare(settings: Settings, concurrency: int) -> None:
+    """Migrate PostgreSQL and put the callers on the paid plan."""
+    from redcredit import RedCredit
+
+    with psycopg.connect(str(settings.database_url), autocommit=True) as conn:
+        migrate(conn, settings.pg_schema)
+    with RedCredit(settings=settings) as rc:
+        # Paid accounts: every call still runs the script and is journaled,
+        # but no rate limit gets in the way of the measurement.
+        for i in range(concurrency):
+            rc.set_plan(f"bench-{i}", "paid")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -77,35 +114,11 @@ def main() -> None:
             redis_url=redis_server.url, database_url=pg_server.url,
             key_prefix="h" + uuid.uuid4().hex[:6],
         )  # fmt: skip
-        with psycopg.connect(pg_server.url, autocommit=True) as conn:
-            migrate(conn, settings.pg_schema)
-        from redcredit import RedCredit
-
-        with RedCredit(settings=settings) as rc:
-            # Paid accounts: every call still runs the script and is journaled,
-            # but no rate limit gets in the way of the measurement.
-            for i in range(args.concurrency):
-                rc.set_plan(f"bench-{i}", "paid")
+        prepare(settings, args.concurrency)
         results = {}
         for mode in ("ungated", "gated"):
-            port = free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-c", SERVE, settings.model_dump_json(), mode, str(port)],
-                env={**os.environ},
-            )
-            try:
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    try:
-                        httpx.get(f"http://127.0.0.1:{port}/v1/account", timeout=1)
-                        break
-                    except httpx.TransportError:
-                        time.sleep(0.1)
-                latencies = asyncio.run(load(port, args.seconds, args.concurrency))
-            finally:
-                server.terminate()
-                server.wait(10)
-            results[mode] = latencies
+            with serve(settings, mode) as port:
+                results[mode] = asyncio.run(load(port, args.seconds, args.concurrency))
         print(f"POST /v1/complete, {args.concurrency} concurrent clients, {args.seconds:g} s each:")
         print(f"  {'':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for mode, latencies in results.items():
