@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self, TypeAlias
+from typing import Any, ClassVar, Self, TypeAlias
 from urllib.parse import quote
 
 from .errors import EmbeddedServerError
@@ -386,6 +386,10 @@ class _EmbeddedServer(ABC):
         elif self._child.private_dir is None:
             self._child.private_dir = Path(tempfile.mkdtemp(prefix=f"redcredit-{self.name}-"))
 
+    def _spawn_options(self) -> dict[str, Any]:
+        """Further ``Popen`` arguments of a subclass (the user to run as, say)."""
+        return {}
+
     def _spawn(self) -> None:
         command = self._command()
         with open(self._console_path, "ab") as console:
@@ -401,6 +405,7 @@ class _EmbeddedServer(ABC):
                     # its pid hits nothing else.
                     start_new_session=True,
                     preexec_fn=_die_with_parent_hook(),
+                    **self._spawn_options(),
                 )
             except OSError as exc:
                 raise EmbeddedServerError(f"could not run {command[0]}: {exc}") from exc

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypedDict
 from urllib.parse import quote
 
-from .embedded import _die_with_parent_hook, _EmbeddedServer, _NotReady
+from .embedded import _EmbeddedServer, _NotReady
 from .errors import EmbeddedServerError
 
 if TYPE_CHECKING:
@@ -358,24 +358,15 @@ class EmbeddedPostgres(_EmbeddedServer):
                 f"command: {shlex.join(command)}\noutput (last lines):\n{output}"
             )
 
-    def _spawn(self) -> None:
-        command = self._command()
-        with self.log_path.open("ab") as log:
-            try:
-                self._child.process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir,
-                    start_new_session=True,
-                    # Python runs it after dropping privileges, which Linux requires
-                    # for the death signal to survive.
-                    preexec_fn=_die_with_parent_hook(),
-                    **_drop_to(self._account()),
-                )
-            except OSError as exc:
-                raise EmbeddedServerError(f"could not run {command[0]}: {exc}") from exc
+    @property
+    def _console_path(self) -> Path:
+        # PostgreSQL writes its whole log to its standard output here.
+        return self.log_path
+
+    def _spawn_options(self) -> dict[str, Any]:
+        # Python drops privileges before the death signal is set, which Linux
+        # requires for the signal to survive.
+        return dict(_drop_to(self._account()))
 
     def _admin_connection(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
         # Imported late: only the embedded server needs a client here.
