@@ -711,9 +711,8 @@ def section_chat(cfg: Config, url: str, res: Results) -> None:
 
 def section_syncer(cfg: Config, url: str, pg_url: str, res: Results) -> None:
     from redcredit.migrate import migrate
-    from redcredit.syncer import Syncer
 
-    from .write_behind import journal_entries, spend_rate
+    from .write_behind import lag_under_load, measure_drain
 
     base = Settings(
         redis_url=url,
@@ -724,43 +723,23 @@ def section_syncer(cfg: Config, url: str, pg_url: str, res: Results) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         migrate(conn, base.pg_schema)
     drain_settings = base.model_copy(update={"key_prefix": base.key_prefix + "d"})
-    asyncio.run(journal_entries(drain_settings, cfg.drain_entries))
-    with Syncer(drain_settings) as syncer:
-        waiting = syncer.lag().entries
-        began = time.perf_counter()
-        lag = syncer.drain(timeout_s=120)
-        elapsed = time.perf_counter() - began
+    waiting, elapsed = measure_drain(drain_settings, cfg.drain_entries, timeout_s=120)
     res.syncer["drain_entries"] = waiting
     res.syncer["drain_seconds"] = elapsed
     res.syncer["drain_rate"] = waiting / elapsed
-    res.syncer["drain_caught_up"] = lag.caught_up
+    res.syncer["drain_caught_up"] = True
     print(f"  syncer drain: {waiting:,} entries in {elapsed:.2f} s = {waiting / elapsed:,.0f}/s")
 
     load_settings = base.model_copy(update={"key_prefix": base.key_prefix + "l"})
     seconds = max(cfg.seconds * 3, 1.0)
-    with Syncer(load_settings) as syncer:
-        syncer.start()
-        highest = [0, 0]
-
-        async def load_and_watch() -> float:
-            task = asyncio.create_task(spend_rate(load_settings, seconds))
-            while not task.done():
-                now = syncer.lag()
-                highest[0] = max(highest[0], now.entries)
-                highest[1] = max(highest[1], now.oldest_age_ms or 0)
-                await asyncio.sleep(0.05)
-            return await task
-
-        rate = asyncio.run(load_and_watch())
-        syncer.stop()
-        syncer.drain(timeout_s=120)
+    rate, highest_entries, highest_ms = lag_under_load(load_settings, seconds)
     res.syncer["load_spend_rate"] = rate
     res.syncer["load_seconds"] = seconds
-    res.syncer["highest_lag_entries"] = highest[0]
-    res.syncer["highest_lag_ms"] = highest[1]
+    res.syncer["highest_lag_entries"] = highest_entries
+    res.syncer["highest_lag_ms"] = highest_ms
     print(
-        f"  syncer under load: {rate:,.0f} spends/s, highest lag {highest[0]:,} entries, "
-        f"{highest[1]} ms"
+        f"  syncer under load: {rate:,.0f} spends/s, highest lag {highest_entries:,} entries, "
+        f"{highest_ms} ms"
     )
 
 

@@ -50,6 +50,40 @@ async def journal_entries(settings: Settings, count: int) -> None:
             )
 
 
+def measure_drain(settings: Settings, entries: int, timeout_s: float) -> tuple[int, float]:
+    """Journals about ``entries`` entries, then drains them: (entries drained, seconds)."""
+    asyncio.run(journal_entries(settings, entries))
+    with Syncer(settings) as syncer:
+        waiting = syncer.lag().entries
+        began = time.perf_counter()
+        lag = syncer.drain(timeout_s=timeout_s)
+        elapsed = time.perf_counter() - began
+    if not lag.caught_up:
+        raise RuntimeError(f"the syncer did not catch up in {timeout_s} s: {lag}")
+    return waiting, elapsed
+
+
+def lag_under_load(settings: Settings, seconds: float) -> tuple[float, int, int]:
+    """Spends for ``seconds`` beside a running syncer: (spends/s, highest lag in entries and ms)."""
+    with Syncer(settings) as syncer:
+        syncer.start()
+        highest = [0, 0]
+
+        async def load_and_watch() -> float:
+            task = asyncio.create_task(spend_rate(settings, seconds))
+            while not task.done():
+                lag = syncer.lag()
+                highest[0] = max(highest[0], lag.entries)
+                highest[1] = max(highest[1], lag.oldest_age_ms or 0)
+                await asyncio.sleep(0.05)
+            return await task
+
+        rate = asyncio.run(load_and_watch())
+        syncer.stop()
+        syncer.drain(timeout_s=120)
+    return rate, highest[0], highest[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entries", type=int, default=50_000)
@@ -73,35 +107,14 @@ def main() -> None:
         print(f"  durability=aof   {aof:>9,.0f}   ({aof / none:.2f}x: WAITAOF waits for the fsync)")
 
         drain_settings = base.model_copy(update={"key_prefix": "drain"})
-        asyncio.run(journal_entries(drain_settings, args.entries))
-        with Syncer(drain_settings) as syncer:
-            waiting = syncer.lag().entries
-            began = time.perf_counter()
-            lag = syncer.drain(timeout_s=600)
-            elapsed = time.perf_counter() - began
-        assert lag.caught_up
+        waiting, elapsed = measure_drain(drain_settings, args.entries, timeout_s=600)
         print(f"drain: {waiting:,} entries into PostgreSQL in {elapsed:.2f} s "
               f"= {waiting / elapsed:,.0f} entries/s")  # fmt: skip
 
         load_settings = base.model_copy(update={"key_prefix": "load"})
-        with Syncer(load_settings) as syncer:
-            syncer.start()
-            highest = [0, 0]
-
-            async def load_and_watch() -> float:
-                task = asyncio.create_task(spend_rate(load_settings, args.seconds))
-                while not task.done():
-                    lag = syncer.lag()
-                    highest[0] = max(highest[0], lag.entries)
-                    highest[1] = max(highest[1], lag.oldest_age_ms or 0)
-                    await asyncio.sleep(0.05)
-                return await task
-
-            rate = asyncio.run(load_and_watch())
-            syncer.stop()
-            syncer.drain()
+        rate, highest_entries, highest_ms = lag_under_load(load_settings, args.seconds)
         print(f"under load ({rate:,.0f} spends/s with the syncer running): highest lag "
-              f"{highest[0]:,} entries, oldest entry {highest[1]} ms")  # fmt: skip
+              f"{highest_entries:,} entries, oldest entry {highest_ms} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

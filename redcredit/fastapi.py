@@ -65,7 +65,17 @@ def add_problem_handler(app: FastAPI) -> None:
 
 
 class CreditDependency:
-    """The callable :func:`gate` returns; ``stats`` and ``breaker`` are its gatekeeper's."""
+    """A FastAPI dependency: a chat turn (``messages`` > 0) or a spend before the endpoint.
+
+    Refusals raise :class:`ProblemException` (402, 429, or 503 / 401 per the
+    policies). On success the ``X-Credits-Remaining`` and ``RateLimit``
+    headers are set, and the dependency's value is the
+    :class:`~redcredit.results.SpendResult`. Pass one ``keeper`` to several
+    dependencies (or a middleware's ``gate.keeper``) to share one breaker and
+    one set of counters. ``idempotency_key(scope)``, if given, keys the
+    charge, as with the middleware. ``stats`` and ``breaker`` are its
+    gatekeeper's.
+    """
 
     def __init__(
         self,
@@ -155,44 +165,5 @@ class CreditDependency:
         return verdict.result
 
 
-def gate(
-    client: AsyncRedCredit,
-    *,
-    identify: Callable[..., Any],
-    feature: str | None = None,
-    cost: CostSpec | None = None,
-    messages: int = 1,
-    shadow: bool = False,
-    on_unavailable: UnavailablePolicy = "closed",
-    unidentified: UnidentifiedPolicy = "reject",
-    keeper: Gatekeeper | None = None,
-    deadline_s: float = 0.05,
-    breaker: CircuitBreaker | None = None,
-    problems: Problems | None = None,
-    idempotency_key: Callable[[Scope], str | None] | None = None,
-) -> CreditDependency:
-    """A dependency charging a chat turn (``messages`` > 0) or a spend before the endpoint runs.
-
-    Refusals raise :class:`ProblemException` (402, 429, or 503 / 401 per the
-    policies). On success the ``X-Credits-Remaining`` and ``RateLimit``
-    headers are set, and the dependency's value is the
-    :class:`~redcredit.results.SpendResult`. Pass one ``keeper`` to several
-    dependencies (or a middleware's ``gate.keeper``) to share one breaker and
-    one set of counters. ``idempotency_key(scope)``, if given, keys the
-    charge, as with the middleware.
-    """
-    return CreditDependency(
-        client,
-        identify=identify,
-        feature=feature,
-        cost=cost,
-        messages=messages,
-        shadow=shadow,
-        on_unavailable=on_unavailable,
-        unidentified=unidentified,
-        keeper=keeper,
-        deadline_s=deadline_s,
-        breaker=breaker,
-        problems=problems,
-        idempotency_key=idempotency_key,
-    )
+# The name endpoints use: ``Depends(gate(client, identify=..., feature="chat"))``.
+gate = CreditDependency
