@@ -8,6 +8,8 @@
 --   KEYS[2] holds sorted set  member = reservation id, score = deadline (ms)
 --   KEYS[3] journal stream    of the account's partition
 --   KEYS[4] idempotency key   string: fingerprint, newline, msgpack'd first reply
+--                             (fingerprint '*': reloaded by hydrate, reply
+--                             {APPLIED_BEFORE, 1, sequence number})
 --   ARGV[1] account id        (written into journal entries)
 --   ARGV[2] clock offset, ms  0 in production; tests move time with it
 --   ARGV[3] idempotency key   '' when the call has none
@@ -26,7 +28,10 @@
 
 local OK, MISSING, NO_CREDITS, NO_CHAT = 0, 1, 2, 3
 local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
-local RES_EXISTS, RES_CLOSED, RATE_LIMITED = 8, 9, 10
+local RES_EXISTS, RES_CLOSED, RATE_LIMITED, APPLIED_BEFORE = 8, 9, 10, 11
+-- The fingerprint of a record reloaded from the system of record, which keeps
+-- only that the key was applied, and at which sequence number.
+local RELOADED = '*'
 local MAX_AMOUNT = 9007199254740992
 
 local ctx = {
@@ -48,7 +53,8 @@ local function idem_replay()
   local stored = redis.call('GET', ctx.idem)
   if not stored then return nil end
   local sep = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, sep - 1) ~= ctx.fingerprint then
+  local fingerprint = string.sub(stored, 1, sep - 1)
+  if fingerprint ~= ctx.fingerprint and fingerprint ~= RELOADED then
     return {IDEM_CONFLICT, 0}
   end
   local reply = cmsgpack.unpack(string.sub(stored, sep + 1))

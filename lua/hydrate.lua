@@ -12,6 +12,10 @@
 --             new to the system of record, or one it holds but never received
 --             a journal entry for (a legacy row), so its ledger sums to its
 --             balance
+-- KEYS[5..]   idempotency records of calls the system of record holds (the
+--             account's, like KEYS[4]), set only where none exists
+-- ARGV[14..]  for each of them: sequence number of the call's entry, ms left
+--             in the idempotency window
 --
 -- Returns {0, 0, inserted (0/1)}.
 
@@ -21,5 +25,11 @@ redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.p
   's', ARGV[12])
 if ARGV[13] == '1' then
   journal('open', ctx.credits, ctx.chat)
+end
+-- A record Redis still has (an eviction keeps them) holds the first reply: kept.
+for i = 5, #KEYS do
+  local at = 14 + (i - 5) * 2
+  redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
+    'PX', ARGV[at + 1], 'NX')
 end
 return {OK, 0, 1}

@@ -12,6 +12,7 @@ from .config import PlanSettings, Settings
 from .costs import CostRule, CostTable
 from .errors import (
     AccountIdError,
+    AlreadyApplied,
     BackendUnavailable,
     BalanceOverflow,
     ConfigError,
@@ -48,6 +49,7 @@ __all__ = [
     "AccountIdError",
     "AccountLoader",
     "AccountSnapshot",
+    "AlreadyApplied",
     "AsyncAccountLoader",
     "AsyncRedCredit",
     "AsyncReservationBlock",

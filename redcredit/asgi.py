@@ -26,8 +26,10 @@ from redis.exceptions import RedisError
 from . import validation as v
 from .breaker import CircuitBreaker, within_deadline
 from .errors import (
+    AlreadyApplied,
     BackendUnavailable,
     ConfigError,
+    IdempotencyConflict,
     InsufficientFunds,
     InvalidInput,
     NotDurable,
@@ -77,6 +79,8 @@ log = logging.getLogger("redcredit.asgi")
 # how far apart. Settling is idempotent, and late settles are charged as far
 # as the balance goes, so a retry can only ever charge once.
 _SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+# A decision is meant to take milliseconds; a minute is far past any use.
+_MAX_DEADLINE_S = 60
 
 
 async def _maybe_await(value: T | Awaitable[T]) -> T:
@@ -98,6 +102,9 @@ class GateStats:
     ungated: int = 0
     # Refusals that a shadow route let through.
     shadow_refusals: int = 0
+    # Answered 400: an account, idempotency key or cost that redcredit refuses.
+    invalid: int = 0
+    conflicts: int = 0  # 409s: an idempotency key that cannot be answered with a replay
     unidentified: int = 0
     disconnects: int = 0
     settled: int = 0
@@ -148,9 +155,15 @@ class Gatekeeper:
         warn_interval_s: float = 10.0,
     ) -> None:
         if isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float):
-            raise ConfigError(f"deadline_s must be a number of seconds, not {deadline_s!r}")
-        if not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive, not {deadline_s!r}")
+            raise ConfigError(
+                f"deadline_s must be a number of seconds, not {v.short_repr(deadline_s)}"
+            )
+        # Compared, not converted: NaN fails both tests, and float() of a huge int overflows.
+        if not 0 < deadline_s <= _MAX_DEADLINE_S:
+            raise ConfigError(
+                f"deadline_s must be positive and at most {_MAX_DEADLINE_S} s, "
+                f"not {v.short_repr(deadline_s)}"
+            )
         self.client = client
         self.deadline_s = float(deadline_s)
         self.breaker = breaker if breaker is not None else CircuitBreaker()
@@ -229,6 +242,10 @@ class Gatekeeper:
 
         try:
             result = await self.decide(call)
+        except InvalidInput as exc:
+            return Verdict(problem=self.invalid(exc, what))
+        except (IdempotencyConflict, AlreadyApplied) as exc:
+            return Verdict(problem=self.conflict(exc, what))
         except (InsufficientFunds, RateLimited) as refusal:
             return self._refused(refusal, shadow, what)
         except NotDurable as exc:
@@ -273,6 +290,10 @@ class Gatekeeper:
 
         try:
             reservation = await self.decide(call)
+        except InvalidInput as exc:
+            return Verdict(problem=self.invalid(exc, what)), None
+        except (IdempotencyConflict, AlreadyApplied) as exc:
+            return Verdict(problem=self.conflict(exc, what)), None
         except (InsufficientFunds, RateLimited) as refusal:
             return self._refused(refusal, shadow, what), None
         except NotDurable as exc:
@@ -289,6 +310,22 @@ class Gatekeeper:
         self.stats.allowed += 1
         limits = getattr(reservation, "limits", ())
         return Verdict(headers=tuple(ratelimit_headers(limits))), reservation
+
+    def invalid(self, exc: InvalidInput, what: str) -> Problem:
+        """The 400 for a request whose account, idempotency key or cost is refused; counted.
+
+        Even on a shadow route: such a request could not be charged at all,
+        so letting it through would make it free.
+        """
+        self.stats.invalid += 1
+        self._warn("invalid", "%s refused with 400: %s", what, exc)
+        return self.problems.invalid(exc)
+
+    def conflict(self, exc: IdempotencyConflict | AlreadyApplied, what: str) -> Problem:
+        """The 409 for a reused idempotency key, even on a shadow route (no replay to give)."""
+        self.stats.conflicts += 1
+        self._warn("conflict", "%s refused with 409: %s", what, exc)
+        return self.problems.conflict(exc)
 
     def _refused(
         self, refusal: InsufficientFunds | RateLimited, shadow: bool, what: str
@@ -455,6 +492,9 @@ class CreditGate:
     request's ``Idempotency-Key`` header), so a client retrying a request
     whose charge timed out is not charged twice.
 
+    An account, idempotency key or cost that redcredit refuses (a header can
+    hold anything) is answered 400 (``invalid-request``); nothing is charged.
+
     ``deadline_s`` bounds every decision; after ``breaker``'s threshold of
     failures in a row the decision is immediate until Redis answers a probe.
     ``gate.stats`` counts outcomes.
@@ -474,7 +514,9 @@ class CreditGate:
         idempotency_key: IdempotencyKeyOf | None = None,
     ) -> None:
         if unidentified not in ("reject", "pass"):
-            raise ConfigError(f"unidentified must be 'reject' or 'pass', not {unidentified!r}")
+            raise ConfigError(
+                f"unidentified must be 'reject' or 'pass', not {v.short_repr(unidentified)}"
+            )
         if not callable(identify):
             raise ConfigError("identify must be a function of the ASGI scope")
         self.app = app
@@ -491,7 +533,7 @@ class CreditGate:
 
     def _check(self, route: Route) -> None:
         if not isinstance(route, Route):
-            raise ConfigError(f"routes must be Route objects, not {route!r}")
+            raise ConfigError(f"routes must be Route objects, not {v.short_repr(route)}")
         if route.stream:
             try:
                 self._ttl_ms[id(route)] = self.client.engine.ttl_ms(route.stream_ttl)
@@ -531,8 +573,12 @@ class CreditGate:
             else:
                 await send_problem(send, self.keeper.problems.unidentified())
             return
-        if not isinstance(account, str):
-            raise TypeError(f"identify must return a str or None, not {type(account).__name__}")
+        try:
+            # Checked before the account is named in a log line: a header can hold anything.
+            account = v.check_account_id(account)
+        except InvalidInput as exc:
+            await send_problem(send, self.keeper.invalid(exc, route.describe()))
+            return
         if route.stream:
             await self._stream(route, account, scope, receive, send)
         else:

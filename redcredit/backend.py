@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import redis.asyncio
@@ -15,10 +17,13 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .config import Settings
+from .config import Settings, check_redis_url, masked_url
 from .errors import BackendUnavailable, ConfigError, RedCreditError
 
 __all__ = ["connection_options", "redis_errors_translated", "require_url", "translated"]
+
+# The query options of a rediss:// URL that name files (redis-py reads them as given).
+_TLS_FILES: Final = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
 
 
 def require_url(settings: Settings) -> str:
@@ -46,23 +51,52 @@ def connection_options(settings: Settings) -> dict[str, Any]:
 def sync_client(settings: Settings, url: str) -> redis.Redis:
     # A blocking pool makes a burst of callers queue for a connection instead
     # of failing with "too many connections".
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        timeout=_seconds(settings.redis_connect_timeout),
-        **connection_options(settings),
-    )
+    _check_tls(url)
+    with _url_checked(url):
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.redis_max_connections,
+            timeout=_seconds(settings.redis_connect_timeout),
+            **connection_options(settings),
+        )
     return redis.Redis.from_pool(pool)
 
 
 def async_client(settings: Settings, url: str) -> redis.asyncio.Redis:
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        timeout=_seconds(settings.redis_connect_timeout),
-        **connection_options(settings),
-    )
+    _check_tls(url)
+    with _url_checked(url):
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.redis_max_connections,
+            timeout=_seconds(settings.redis_connect_timeout),
+            **connection_options(settings),
+        )
     return redis.asyncio.Redis.from_pool(pool)
+
+
+@contextmanager
+def _url_checked(url: object) -> Iterator[None]:
+    if not isinstance(url, str):
+        raise ConfigError(f"a Redis URL must be a str, not {type(url).__name__}")
+    try:
+        yield
+    except ValueError as exc:
+        # redis-py's messages name the part at fault, never the password.
+        raise ConfigError(f"unusable Redis URL: {exc}") from exc
+
+
+def _check_tls(url: object) -> None:
+    """A URL redis-py can read, TLS options only on ``rediss://``, and the files they name.
+
+    A missing CA file would otherwise surface on every call as "Redis is
+    unreachable", which the gate's policies treat as an outage.
+    """
+    if not isinstance(url, str):
+        return
+    check_redis_url(url)
+    for name, value in parse_qsl(urlsplit(url).query):
+        if name in _TLS_FILES and not Path(value).is_file():
+            raise ConfigError(f"Redis URL {masked_url(url)!r}: {name} {value!r} is not a file")
 
 
 def translated(error: RedisError) -> RedCreditError:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .errors import BackendUnavailable, RedCreditError, ReservationError
+from .errors import BackendUnavailable, InvalidInput, RedCreditError, ReservationError
 from .lease import Lease
 
 if TYPE_CHECKING:
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 __all__ = ["AsyncReservationBlock", "ReservationBlock"]
 
 log = logging.getLogger("redcredit")
+
+
+def _check_allow_late(allow_late: object) -> None:
+    # Checked before the reservation is made: found only at settle time, it
+    # would leave a hold behind.
+    if type(allow_late) is not bool:
+        raise InvalidInput(f"allow_late must be a bool, not {type(allow_late).__name__}")
 
 
 class ReservationBlock:
@@ -45,6 +52,7 @@ class ReservationBlock:
         self._client = client
         self._args = (account, amount, ttl, feature)
         self._ttl_ms = client.engine.ttl_ms(ttl)
+        _check_allow_late(allow_late)
         self._lease_ttl = timedelta(milliseconds=self._ttl_ms)
         self._allow_late = allow_late
         self._stop = threading.Event()
@@ -118,6 +126,7 @@ class AsyncReservationBlock:
         self._client = client
         self._args = (account, amount, ttl, feature)
         self._ttl_ms = client.engine.ttl_ms(ttl)
+        _check_allow_late(allow_late)
         self._lease_ttl = timedelta(milliseconds=self._ttl_ms)
         self._allow_late = allow_late
         self._renewer: asyncio.Task[None] | None = None

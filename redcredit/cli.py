@@ -12,16 +12,18 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import psycopg
+from redis.exceptions import RedisError
 
-from .config import Settings
-from .errors import RedCreditError
+from .backend import translated
+from .config import Settings, without_secrets
+from .errors import ConfigError, RedCreditError
 
 if TYPE_CHECKING:
     from .syncer import Syncer
@@ -30,10 +32,19 @@ __all__ = ["main"]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_toml(args.config) if args.config else Settings()
+    settings = Settings.from_toml(args.config) if args.config else Settings()
+    # Kept for main(), which takes the URLs' passwords out of any error it prints.
+    args.settings = settings
+    return settings
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.config:
+        # Refused rather than ignored: the demo brings its own prices and balances.
+        raise ConfigError(
+            "the demo does not read --config; it takes REDCREDIT_REDIS_URL and "
+            "REDCREDIT_DATABASE_URL from the environment, or starts servers of its own"
+        )
     # Imported late: keeps `redcredit --help` fast.
     from .demo import run_demo
 
@@ -126,6 +137,36 @@ def _evict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``low..high``, refused before anything is touched."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, not {text!r:.40}"
+            ) from None
+        # NaN and the infinities fail the comparison; a huge int is compared exactly.
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be between {_shown(low)} and {_shown(high)}, not {text:.40}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+# A year: evicting only what was idle longer is as good as never evicting.
+_MAX_IDLE_S: Final = 366 * 86_400
+_MAX_WAIT_S: Final = 366 * 86_400
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redcredit",
@@ -139,8 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         "unless REDCREDIT_REDIS_URL / REDCREDIT_DATABASE_URL are set)",
     )
     demo.add_argument("--no-serve", action="store_true", help="play the scenario and exit")
-    demo.add_argument("--port", type=int, default=0, help="port of the chat API (default: free)")
-    demo.add_argument("--serve-seconds", type=float, help="stop serving after this long")
+    demo.add_argument(
+        "--port",
+        type=_bounded(int, 0, 65_535),
+        default=0,
+        help="port of the chat API (default: free)",
+    )
+    demo.add_argument(
+        "--serve-seconds",
+        type=_bounded(float, 0.001, _MAX_WAIT_S),
+        help="stop serving after this long",
+    )
     demo.set_defaults(handler=_demo)
     commands.add_parser(
         "migrate", help="create or upgrade the PostgreSQL schema (safe to run twice)"
@@ -149,17 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--status", action="store_true", help="print the lag and exit")
     sync.add_argument("--json", action="store_true", help="with --status: print JSON")
     sync.add_argument("--once", action="store_true", help="drain what is there, then exit")
-    sync.add_argument("--timeout", type=float, default=300.0, help="with --once: seconds")
+    sync.add_argument(
+        "--timeout",
+        type=_bounded(float, 0.001, _MAX_WAIT_S),
+        default=300.0,
+        help="with --once: seconds",
+    )
     sync.set_defaults(handler=_sync)
     reconcile = commands.add_parser(
         "reconcile", help="compare Redis with PostgreSQL and the journal; exit 1 on drift"
     )
-    reconcile.add_argument("--sample", type=int, help="check this many random accounts")
+    reconcile.add_argument(
+        "--sample", type=_bounded(int, 1, 2**53), help="check this many random accounts"
+    )
     reconcile.set_defaults(handler=_reconcile)
     evict = commands.add_parser(
         "evict", help="drop idle accounts that PostgreSQL holds in full from Redis"
     )
-    evict.add_argument("--idle", type=int, default=86_400, help="seconds idle (default a day)")
+    evict.add_argument(
+        "--idle",
+        type=_bounded(int, 1, _MAX_IDLE_S),
+        default=86_400,
+        help="seconds idle (default a day)",
+    )
     evict.set_defaults(handler=_evict)
     return parser
 
@@ -169,8 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
-    except (RedCreditError, psycopg.Error) as exc:
-        print(f"redcredit: {exc}", file=sys.stderr)
+    except (RedCreditError, psycopg.Error, RedisError) as exc:
+        # reconcile and evict talk to Redis directly: its errors get the
+        # library's wording instead of a traceback.
+        error = translated(exc) if isinstance(exc, RedisError) else exc
+        settings: Settings | None = getattr(args, "settings", None)
+        urls = (settings.redis_url, settings.database_url) if settings is not None else ()
+        # One line: libpq's messages span several.
+        message = " ".join(without_secrets(str(error), *urls).split())
+        print(f"redcredit: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

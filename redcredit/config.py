@@ -25,26 +25,35 @@ Invalid settings raise :class:`ConfigError` from ``Settings(...)``,
 runs the same checks (pydantic calls ``__init__``, so the environment is read
 there too, below the given values) but reports them as pydantic's
 ``ValidationError``.
+
+Secrets: the passwords in ``redis_url`` and ``database_url`` never appear in
+a repr, in ``str()``, in a dump (``model_dump``, ``model_dump_json``: pass
+``context={"reveal_secrets": True}`` for a copy that keeps them, e.g. for a
+child process) or in a validation error; :func:`masked_url` shows a URL the
+same way.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, Self
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FieldSerializationInfo,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -60,7 +69,18 @@ from . import validation as v
 from .costs import CostTable, read_toml
 from .errors import ConfigError, InvalidInput, UnknownPlan
 
-__all__ = ["BUILTIN_PLANS", "LimitSettings", "PlanSettings", "RefillSettings", "Settings"]
+__all__ = [
+    "BUILTIN_PLANS",
+    "LimitSettings",
+    "PlanSettings",
+    "RefillSettings",
+    "Settings",
+    "check_database_url",
+    "check_redis_url",
+    "masked_url",
+    "url_secrets",
+    "without_secrets",
+]
 
 
 class LimitSettings(BaseModel):
@@ -172,6 +192,7 @@ _DURATIONS: Final = (
     "idempotency_window",
     "redis_socket_timeout",
     "redis_connect_timeout",
+    "database_timeout",
     "durability_timeout",
     "sync_interval",
     "sync_claim_idle",
@@ -186,6 +207,16 @@ _COUNTS: Final = (
     "sync_batch_size",
     "pipeline_max_batch",
 )
+_SECRET_FIELDS: Final = ("redis_url", "database_url")
+_MASK: Final = "***"
+# ?password=... in a URL (redis-py and libpq both read it), and password=...
+# in a libpq key=value string, quoted or not.
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+_CONNINFO_PASSWORD: Final = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# Any URL's user:password@ in free text, for messages of unknown origin.
+_ANY_USERINFO: Final = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s]*@", re.IGNORECASE)
+
+
 _IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RULE_NUMBERS: Final = frozenset({"base", "per_unit", "max_units"})
 _SECONDS: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
@@ -211,6 +242,8 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         frozen=True,
+        # A pydantic error would otherwise quote the input, URLs and passwords included.
+        hide_input_in_errors=True,
     )
 
     redis_url: str | None = None
@@ -245,6 +278,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     pg_schema: str = "redcredit"
     database_pool_size: int = Field(default=4, ge=1, le=1_000)
+    # How long loading an account waits for PostgreSQL before the call fails
+    # with BackendUnavailable: a request should not hang while it is down.
+    database_timeout: timedelta = timedelta(seconds=2)
     # The syncer: journal entries per PostgreSQL transaction, how often an
     # idle syncer looks for new entries, when entries left pending by a dead
     # syncer are claimed, and the longest wait between retries while
@@ -254,13 +290,25 @@ class Settings(BaseSettings):
     sync_claim_idle: timedelta = timedelta(seconds=30)
     sync_retry_max: timedelta = timedelta(seconds=5)
     sync_group: str = "redcredit-syncer"
+    # Before committing a batch, wait until Redis has its entries on disk
+    # (WAITAOF; nothing to wait for without an append-only file): a Redis that
+    # lost power and restarts from its file then never lacks what PostgreSQL
+    # holds. With appendfsync everysec a batch waits up to a second, so a
+    # syncer drains at most about a batch a second: raise sync_batch_size, run
+    # more syncers, or use appendfsync always if that is too slow.
+    sync_waits_for_aof: bool = True
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
+            # Our own checks never quote a URL's password, but a value of the
+            # wrong type is shown as given.
+            urls = [url for name in _SECRET_FIELDS if isinstance(url := values.get(name), str)]
             raise ConfigError(
-                f"invalid redcredit settings: {v.describe_validation_error(exc)}"
+                without_secrets(
+                    f"invalid redcredit settings: {v.describe_validation_error(exc)}", *urls
+                )
             ) from exc
         except SettingsError as exc:
             # e.g. REDCREDIT_COSTS holding malformed JSON.
@@ -320,6 +368,28 @@ class Settings(BaseSettings):
             raise ConfigError(f"{exc} (from {path}, the environment and arguments)") from exc
         finally:
             _toml_values.reset(token)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            secret = name in _SECRET_FIELDS and isinstance(value, str)
+            yield name, masked_url(value) if secret else value
+
+    @field_serializer(*_SECRET_FIELDS)
+    def _masked(self, value: str | None, info: FieldSerializationInfo) -> str | None:
+        context = info.context
+        if value is None or (isinstance(context, dict) and context.get("reveal_secrets") is True):
+            return value
+        return masked_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_readable(cls, value: str | None) -> str | None:
+        return None if value is None else _value_error(check_redis_url, value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_readable(cls, value: str | None) -> str | None:
+        return None if value is None else _value_error(check_database_url, value)
 
     @field_validator("key_prefix", "sync_group")
     @classmethod
@@ -501,10 +571,102 @@ def _env_json(text: str) -> Any:
     return text
 
 
-def _value_error(check: Callable[[object], str], value: object) -> str:
+def _value_error(check: Callable[[Any], str], value: object) -> str:
     # pydantic reports a ValueError with the field's location; InvalidInput is
     # one, but re-raising keeps the message free of a chained traceback.
     try:
         return check(value)
-    except InvalidInput as exc:
+    except (InvalidInput, ConfigError) as exc:
         raise ValueError(str(exc)) from None
+
+
+# --- secrets in connection URLs ---------------------------------------------------------------
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # a malformed IPv6 host, say
+        return None
+    userinfo, at, _host = netloc.rpartition("@")
+    return userinfo.partition(":")[2] if at and ":" in userinfo else None
+
+
+def url_secrets(url: str) -> set[str]:
+    """The passwords a Redis or PostgreSQL URL (or libpq ``key=value`` string) holds.
+
+    Each as written and percent-decoded, since an error message may quote either.
+    """
+    found: set[str] = set()
+    if "://" in url:
+        password = _url_password(url)
+        if password is not None:
+            found.add(password)
+        found.update(match[2] for match in _QUERY_PASSWORD.finditer(url))
+    else:
+        found.update(match[2].strip("'") for match in _CONNINFO_PASSWORD.finditer(url))
+    found.update([unquote(secret) for secret in found])
+    return {secret for secret in found if secret}
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (in the user part or the query) shown as ``***``."""
+    if "://" not in url:
+        return _CONNINFO_PASSWORD.sub(rf"\g<1>{_MASK}", url)
+    if _url_password(url) is not None:
+        parts = urlsplit(url)
+        userinfo, _at, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        url = urlunsplit(parts._replace(netloc=f"{user}:{_MASK}@{host}"))
+    return _QUERY_PASSWORD.sub(rf"\g<1>{_MASK}", url)
+
+
+def without_secrets(text: str, *urls: str | None) -> str:
+    """``text`` with the passwords of ``urls``, and of any URL it quotes, shown as ``***``."""
+    for secret in sorted({s for url in urls if url for s in url_secrets(url)}, key=len)[::-1]:
+        text = text.replace(secret, _MASK)
+    return _ANY_USERINFO.sub(rf"\g<1>{_MASK}@", text)
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if redis-py can read it; :class:`ConfigError`, without the password, if not.
+
+    TLS options in the query (``ssl_ca_certs``...) need a ``rediss://`` URL:
+    on ``redis://`` redis-py would fail only on the first command, with a
+    ``TypeError``.
+    """
+    from redis.connection import parse_url
+
+    shown = masked_url(url)
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        # redis-py's messages name the part at fault; the check is for safety.
+        raise ConfigError(f"Redis URL {shown!r}: {without_secrets(str(exc), url)}") from None
+    options = [name for name, _value in parse_qsl(urlsplit(url).query) if name.startswith("ssl")]
+    if options and not url.lower().startswith("rediss://"):
+        raise ConfigError(f"Redis URL {shown!r}: {', '.join(sorted(options))} need a rediss:// URL")
+    return url
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if libpq can read it; :class:`ConfigError`, without the password, if not.
+
+    Checked before any connection: libpq's own message quotes the text it
+    could not read (a password with a stray ``%``, say), and a pool would log it.
+    """
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    shown = masked_url(url)
+    try:
+        conninfo_to_dict(url)
+    except PsycopgError as exc:
+        reason = " ".join(without_secrets(str(exc), url).split())
+        raise ConfigError(f"PostgreSQL URL {shown!r}: {reason}") from None
+    password = _url_password(url) if "://" in url else None
+    if password is not None and "@" in password:
+        # libpq ends the user part at the first "@", Python at the last: the
+        # rest of the password would become the host name, quoted in errors.
+        raise ConfigError(f"PostgreSQL URL {shown!r}: percent-encode the @ in the password")
+    return url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
+from os import PathLike
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -201,6 +202,13 @@ def _feature_name(name: object) -> str:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML document; an unreadable or malformed file raises :class:`ConfigError`."""
+    given: object = path
+    if not isinstance(given, str | bytes | PathLike):
+        # open() takes an int as a file descriptor: 0 would read standard input.
+        raise ConfigError(
+            f"a TOML file path must be a str or a Path, not {type(path).__name__} "
+            f"{v.short_repr(path)}"
+        )
     try:
         with open(path, "rb") as file:
             return tomllib.load(file)
@@ -210,3 +218,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text: {exc}") from exc
+    except ValueError as exc:
+        # A path holding a NUL character.
+        raise ConfigError(f"cannot read {v.short_repr(path)}: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and tables recursively.
+        raise ConfigError(f"{path} is not valid TOML: nested too deeply") from None

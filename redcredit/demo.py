@@ -147,7 +147,8 @@ def run_demo(*, serve: bool = True, port: int = 0, serve_seconds: float | None =
             context = multiprocessing.get_context("spawn")
             ready = context.Queue()
             holder = context.Process(
-                target=_hold_until_killed, args=(settings.model_dump_json(), cyd, ready)
+                target=_hold_until_killed,
+                args=(settings.model_dump_json(context={"reveal_secrets": True}), cyd, ready),
             )
             holder.start()
             ready.get(timeout=30)

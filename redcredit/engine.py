@@ -11,7 +11,6 @@ touches Redis.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,7 +19,9 @@ from typing import Any, Final, TypeVar
 from . import validation as v
 from .config import Settings
 from .errors import (
+    AlreadyApplied,
     BalanceOverflow,
+    ConfigError,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -65,6 +66,7 @@ OVERFLOW: Final = 7
 RES_EXISTS: Final = 8
 RES_CLOSED: Final = 9
 RATE_LIMITED: Final = 10
+APPLIED_BEFORE: Final = 11
 
 _OUTCOMES: Final[dict[int, SettlementOutcome]] = {1: "settled", 2: "released", 3: "settled_late"}
 
@@ -106,6 +108,11 @@ class Engine:
     """Validates, builds and parses every operation for one deployment's settings."""
 
     def __init__(self, settings: Settings) -> None:
+        if not isinstance(settings, Settings):
+            # Only the type is shown: a mapping of settings may hold passwords.
+            raise ConfigError(
+                f"settings must be a redcredit Settings, not {type(settings).__name__}"
+            )
         self.settings = settings
         self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
         self.scripts = load_scripts()
@@ -167,6 +174,11 @@ class Engine:
 
     def _hydrate(self, keys: AccountKeys, snapshot: AccountSnapshot) -> ScriptCall:
         plan = v.check_plan_name(snapshot.plan)
+        record_keys: list[str] = []
+        records: list[int] = []
+        for key, sequence, left_ms in snapshot.applied_keys:
+            record_keys.append(keys.idempotency(v.check_idempotency_key(key)))
+            records += [v.check_amount(sequence, name="sequence"), max(int(left_ms), 1)]
         return self._call(
             "hydrate",
             keys,
@@ -178,7 +190,9 @@ class Engine:
                 plan,
                 v.check_amount(snapshot.sequence, name="sequence"),
                 1 if snapshot.sequence == 0 else 0,
+                *records,
             ],
+            extra_keys=record_keys,
         )
 
     def ttl_ms(self, ttl: int | timedelta | None) -> int:
@@ -194,6 +208,8 @@ class Engine:
             raise InsufficientCredits(account, int(reply[2]), int(reply[3]))
         if status == NO_CHAT:
             raise InsufficientChatMessages(account, int(reply[2]), int(reply[3]))
+        if status == APPLIED_BEFORE:
+            raise AlreadyApplied(account, int(reply[2]))
         if status == IDEM_CONFLICT:
             raise IdempotencyConflict(
                 f"idempotency key of account {account!r} was used for a different call"
@@ -233,7 +249,9 @@ class Engine:
             raise RedCreditError(f"unexpected reply from Redis: {reply!r}")
 
     def _price(self, feature: str | None, cost: int | None, units: int | None) -> tuple[int, str]:
-        if (feature is None) == (cost is None):
+        if feature is None and cost is None:
+            raise InvalidInput("give a feature name or an explicit cost")
+        if feature is not None and cost is not None:
             raise InvalidInput("give either a feature name or an explicit cost, not both")
         if feature is not None:
             feature = v.check_feature_name(feature)
@@ -474,7 +492,7 @@ class Engine:
     ) -> Operation[int]:
         """Forgets the state of one rate limit (or all) of an account; journaled."""
         account = v.check_account_id(account)
-        limit = "" if name is None else _limit_name(name)
+        limit = "" if name is None else v.check_limit_name(name)
         idempotency_key = v.check_idempotency_key(idempotency_key)
         keys = self.keys.for_account(account)
         call = self._call("reset_limits", keys, idempotency_key, f"reset_limits:{limit}", [limit])
@@ -495,8 +513,7 @@ class Engine:
         idempotency_key: str | None = None,
     ) -> Operation[Settlement]:
         """Settles (charging ``actual``) or releases a reservation."""
-        account = v.check_account_id(reservation.account)
-        reservation_id = v.check_reservation_id(reservation.id)
+        account, reservation_id = _reservation_parts(reservation)
         actual = 0 if release else v.check_amount(actual, name="actual")
         if type(allow_late) is not bool:
             raise InvalidInput(f"allow_late must be a bool, not {type(allow_late).__name__}")
@@ -533,8 +550,7 @@ class Engine:
         self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
     ) -> Operation[Reservation]:
         """Renews the lease to now + ttl (server clock)."""
-        account = v.check_account_id(reservation.account)
-        reservation_id = v.check_reservation_id(reservation.id)
+        account, reservation_id = _reservation_parts(reservation)
         ttl_ms = self.ttl_ms(ttl)
         keys = self.keys.for_account(account)
         call = self._call(
@@ -562,16 +578,22 @@ class Engine:
 
 
 def _model(model: str | None) -> str:
-    return "" if model is None else v.check_feature_name(model)
+    return "" if model is None else v.check_model_name(model)
 
 
-_LIMIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_ABSENT: Final = object()
 
 
-def _limit_name(name: object) -> str:
-    if not isinstance(name, str) or not _LIMIT_NAME.fullmatch(name):
-        raise InvalidInput(f"limit name must be 1-32 characters of a-z 0-9 _, not {name!r:.60}")
-    return name
+def _reservation_parts(reservation: object) -> tuple[str, str]:
+    """The account and id of a Reservation, a ReservationRef, or anything shaped like them."""
+    account = getattr(reservation, "account", _ABSENT)
+    reservation_id = getattr(reservation, "id", _ABSENT)
+    if account is _ABSENT or reservation_id is _ABSENT:
+        raise InvalidInput(
+            "reservation must be a Reservation or ReservationRef, not "
+            f"{type(reservation).__name__} {v.short_repr(reservation)}"
+        )
+    return v.check_account_id(account), v.check_reservation_id(reservation_id)
 
 
 def _limit_states(reply: list[Any], start: int) -> tuple[LimitState, ...]:

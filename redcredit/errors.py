@@ -114,6 +114,25 @@ class BalanceOverflow(InvalidInput):
     """A grant would push a balance past the largest exact integer (2**53)."""
 
 
+class AlreadyApplied(RedCreditError):
+    """The call was applied before Redis lost its copy of the account; its reply is gone.
+
+    Raised, for the rest of the idempotency window, by a call repeated with
+    the key of a call that PostgreSQL already holds, once the account has
+    been reloaded from PostgreSQL (after Redis lost its data, or an eviction
+    that outlived the key's record). Nothing changed: read the balance for
+    the state after it. ``sequence`` is the journal entry of the first call.
+    """
+
+    def __init__(self, account: str, sequence: int) -> None:
+        self.account = account
+        self.sequence = sequence
+        super().__init__(
+            f"a call with this idempotency key was applied to account {account!r} before "
+            f"(journal entry {sequence}); its first reply is no longer kept"
+        )
+
+
 class IdempotencyConflict(RedCreditError):
     """An idempotency key was reused for a different operation or different arguments."""
 

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from .config import Settings
 from .keys import KeySpace
+from .reconcile import scan_accounts
 from .scripts import load_scripts
 
 __all__ = ["EvictionReport", "evict_idle"]
@@ -76,8 +77,8 @@ def evict_idle(
         report.scanned += len(pending)
         pending.clear()
 
-    for key in redis_client.scan_iter(match=keys.account_pattern(), count=1000):
-        pending.append(keys.account_from_key(key))
+    for account in scan_accounts(redis_client, keys):
+        pending.append(account)
         if len(pending) >= batch:
             flush()
     if pending:

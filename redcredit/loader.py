@@ -32,6 +32,11 @@ class AccountSnapshot:
     # balances are journaled, so the ledger always sums to the balance.
     sequence: int = 0
     is_new: bool = False
+    # Idempotency keys of calls the system of record holds, still within the
+    # window: (key, sequence number of the call's entry, ms left in the window).
+    # Reloaded with the account, so a call repeated after Redis lost the
+    # account is not applied twice.
+    applied_keys: tuple[tuple[str, int, int], ...] = ()
 
 
 class AccountLoader(Protocol):

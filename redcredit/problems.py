@@ -14,12 +14,16 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from .errors import (
+    AlreadyApplied,
     ConfigError,
+    IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientFunds,
+    InvalidInput,
     RateLimited,
 )
 from .results import LimitState, SpendResult
+from .validation import short_repr
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -40,6 +44,8 @@ ProblemKind = Literal[
     "rate-limited",
     "unavailable",
     "unidentified",
+    "invalid-request",
+    "idempotency-conflict",
 ]
 
 _DEFAULT_STATUSES: Final[Mapping[ProblemKind, int]] = MappingProxyType(
@@ -49,6 +55,8 @@ _DEFAULT_STATUSES: Final[Mapping[ProblemKind, int]] = MappingProxyType(
         "rate-limited": 429,
         "unavailable": 503,
         "unidentified": 401,
+        "invalid-request": 400,
+        "idempotency-conflict": 409,
     }
 )
 _DEFAULT_TITLES: Final[Mapping[ProblemKind, str]] = MappingProxyType(
@@ -58,6 +66,8 @@ _DEFAULT_TITLES: Final[Mapping[ProblemKind, str]] = MappingProxyType(
         "rate-limited": "Rate limit exceeded",
         "unavailable": "Credit service unavailable",
         "unidentified": "No paying account",
+        "invalid-request": "Request cannot be charged",
+        "idempotency-conflict": "Idempotency key already used",
     }
 )
 
@@ -91,7 +101,9 @@ class Problems:
         statuses = _merged(_DEFAULT_STATUSES, self.statuses, "statuses")
         for kind, status in statuses.items():
             if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-                raise ConfigError(f"status for {kind} must be an int in 400..599, not {status!r}")
+                raise ConfigError(
+                    f"status for {kind} must be an int in 400..599, not {short_repr(status)}"
+                )
         titles = _merged(_DEFAULT_TITLES, self.titles, "titles")
         for kind, title in titles.items():
             if not isinstance(title, str) or not title:
@@ -162,6 +174,26 @@ class Problems:
             "Credits cannot be checked right now; nothing was charged. Retry later.",
             headers=[("retry-after", str(seconds))],
         )
+
+    def invalid(self, refused: InvalidInput) -> Problem:
+        """The answer to a request whose account, idempotency key or cost redcredit refuses.
+
+        Nothing was charged: the values were refused before Redis was asked.
+        """
+        return self.problem(
+            "invalid-request", f"This request cannot be charged: {refused}. Nothing was charged."
+        )
+
+    def conflict(self, refused: IdempotencyConflict | AlreadyApplied) -> Problem:
+        """The answer to a request whose idempotency key cannot be answered with a replay."""
+        if isinstance(refused, AlreadyApplied):
+            detail = (
+                "A request with this idempotency key was charged before, once; its first "
+                "response is no longer kept. Nothing more was charged."
+            )
+        else:
+            detail = "This idempotency key was used for a different request. Nothing was charged."
+        return self.problem("idempotency-conflict", detail)
 
     def unidentified(self) -> Problem:
         headers = (

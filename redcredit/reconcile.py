@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +19,10 @@ import redis
 from psycopg import sql
 
 from .config import Settings
-from .journal import JournalEntry, parse_entry
+from .journal import JournalEntry, parse_entry, text
 from .keys import KeySpace
 
-__all__ = ["Drift", "ReconcileReport", "reconcile"]
+__all__ = ["Drift", "ReconcileReport", "reconcile", "scan_accounts"]
 
 State = tuple[int, int, str, int]  # credits, chat messages, plan, sequence
 
@@ -153,10 +153,20 @@ def _pg_accounts(conn: psycopg.Connection[Any], schema: str) -> set[str]:
 
 
 def _redis_accounts(client: redis.Redis, keys: KeySpace) -> set[str]:
-    return {
-        keys.account_from_key(key)
-        for key in client.scan_iter(match=keys.account_pattern(), count=1000)
-    }
+    return set(scan_accounts(client, keys))
+
+
+def scan_accounts(client: redis.Redis, keys: KeySpace) -> Iterator[str]:
+    """Every account Redis holds, by its hash (SCAN, so each may come more than once).
+
+    The SCAN pattern also matches the other keys of an account whose id holds
+    ``}:a:`` (the holds of ``}:a:victim`` read as ``victim``'s hash): only a
+    name that is the hash of the id read from it counts.
+    """
+    for key in client.scan_iter(match=keys.account_pattern(), count=1000):
+        account = keys.account_from_key(key)
+        if keys.for_account(account).hash == text(key):
+            yield account
 
 
 def _pg_states(conn: psycopg.Connection[Any], schema: str, accounts: list[str]) -> dict[str, State]:

@@ -47,7 +47,7 @@ _PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 def _path_pattern(path: str) -> re.Pattern[str]:
     """``/v1/chat/{id}`` → a regex: ``{name}`` is one path segment, ``{name:path}`` the rest."""
     if not path.startswith("/"):
-        raise ConfigError(f"route path {path!r} must start with '/'")
+        raise ConfigError(f"route path {v.short_repr(path)} must start with '/'")
     parts: list[str] = []
     position = 0
     for placeholder in _PLACEHOLDER.finditer(path):
@@ -60,20 +60,31 @@ def _path_pattern(path: str) -> re.Pattern[str]:
         return re.compile("".join(parts))
     except re.error as exc:
         # The same placeholder name twice.
-        raise ConfigError(f"route path {path!r}: {exc}") from exc
+        raise ConfigError(f"route path {v.short_repr(path)}: {exc}") from exc
 
 
 def _literal(path: str, text: str) -> str:
     if "{" in text or "}" in text:
-        raise ConfigError(f"route path {path!r} has a malformed placeholder")
+        raise ConfigError(f"route path {v.short_repr(path)} has a malformed placeholder")
     return re.escape(text)
 
 
 def _check_cost(value: object, name: str) -> None:
     if value is None or callable(value):
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative int or a function of the request")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= v.MAX_AMOUNT:
+        raise ConfigError(
+            f"{name} must be an int in 0..2**53 or a function of the request, "
+            f"not {v.short_repr(value)}"
+        )
+
+
+def _check_flag(value: object, name: str) -> None:
+    # A truthy string ("no") would silently turn the behaviour on.
+    if type(value) is not bool:
+        raise ConfigError(
+            f"{name} must be a bool, not {type(value).__name__} {v.short_repr(value)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,35 +133,49 @@ class Route:
     def __post_init__(self) -> None:
         if self.model is not None:
             try:
-                v.check_feature_name(self.model)
+                v.check_model_name(self.model)
             except InvalidInput as exc:
                 raise ConfigError(f"route model: {exc}") from None
         if not isinstance(self.method, str) or not _METHOD.fullmatch(self.method.upper()):
-            raise ConfigError(f"route method must be an HTTP method or '*', not {self.method!r}")
+            raise ConfigError(
+                f"route method must be an HTTP method or '*', not {v.short_repr(self.method)}"
+            )
         object.__setattr__(self, "method", self.method.upper())
         if isinstance(self.path, re.Pattern):
             pattern = self.path
         elif isinstance(self.path, str):
             pattern = _path_pattern(self.path)
         else:
-            raise ConfigError(f"route path must be a str or a compiled regex, not {self.path!r}")
+            raise ConfigError(
+                f"route path must be a str or a compiled regex, not {v.short_repr(self.path)}"
+            )
         object.__setattr__(self, "pattern", pattern)
         if isinstance(self.messages, bool) or not isinstance(self.messages, int):
-            raise ConfigError(f"messages must be an int, not {self.messages!r}")
+            raise ConfigError(f"messages must be an int, not {v.short_repr(self.messages)}")
         if self.messages < 0:
             raise ConfigError("messages must not be negative")
-        if self.feature is not None and not isinstance(self.feature, str):
-            raise ConfigError(f"feature must be a str, not {self.feature!r}")
+        if self.messages > v.MAX_AMOUNT:
+            raise ConfigError(f"messages must be at most 2**53, not {v.short_repr(self.messages)}")
+        if self.feature is not None:
+            # Checked now, not on the first request: a stream route only
+            # labels its reservation with it, so no cost table lookup finds it.
+            try:
+                v.check_feature_name(self.feature)
+            except InvalidInput as exc:
+                raise ConfigError(f"route feature: {exc}") from None
+        _check_flag(self.stream, "stream")
+        _check_flag(self.shadow, "shadow")
         _check_cost(self.cost, "cost")
         _check_cost(self.max_cost, "max_cost")
         if self.on_disconnect not in _DISCONNECT_POLICIES:
             raise ConfigError(
                 f"on_disconnect must be one of {', '.join(_DISCONNECT_POLICIES)}, "
-                f"not {self.on_disconnect!r}"
+                f"not {v.short_repr(self.on_disconnect)}"
             )
         if self.on_unavailable not in _UNAVAILABLE_POLICIES:
             raise ConfigError(
-                f"on_unavailable must be 'closed' or 'open', not {self.on_unavailable!r}"
+                "on_unavailable must be 'closed' or 'open', not "
+                f"{v.short_repr(self.on_unavailable)}"
             )
         if self.stream:
             if self.max_cost is None:

@@ -7,6 +7,7 @@ applied twice, or batches applied out of order, give the same result.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,53 @@ from psycopg import sql
 from .journal import LEDGER_COLUMNS, JournalEntry
 from .loader import AccountSnapshot
 
-__all__ = ["apply_entries", "load_account_query", "snapshot_from_row"]
+__all__ = [
+    "RESTORED_KEYS_MAX",
+    "applied_keys_query",
+    "apply_entries",
+    "fence_for_apply",
+    "fence_for_load",
+    "fence_key",
+    "load_account_query",
+    "snapshot_from_row",
+]
+
+
+# The fence between syncers and loaders, per partition, as transaction-scoped
+# advisory locks. A syncer holds it shared from before it writes a batch until
+# its commit, and confirms in between that Redis still has the batch's entries;
+# a loader takes it exclusively before reading an account. So when Redis lost
+# its data and an account is loaded again, a syncer still holding entries of
+# the lost data has either committed them before the read (and the account
+# resumes after them) or finds them gone and rolls back; it never lands them
+# after the read, on sequence numbers the reloaded account reuses.
+
+
+def _fence_class(schema: str) -> int:
+    # The advisory lock's first key: one lock space per schema.
+    return int.from_bytes(zlib.crc32(schema.encode()).to_bytes(4, "big"), "big", signed=True)
+
+
+def fence_for_apply(conn: psycopg.Connection[Any], schema: str, partitions: Sequence[int]) -> None:
+    conn.execute(
+        "SELECT count(pg_advisory_xact_lock_shared(%s, p)) "
+        "FROM (SELECT DISTINCT unnest(%s::int[]) AS p ORDER BY 1) AS fenced",
+        [_fence_class(schema), list(partitions)],
+    )
+
+
+def fence_for_load() -> str:
+    """The statement a loader runs, in its transaction, before reading an account.
+
+    Its parameters are :func:`fence_key`. It must be a statement of its own: the
+    read that follows then takes its snapshot after the lock, and sees what a
+    syncer committed meanwhile.
+    """
+    return "SELECT pg_advisory_xact_lock(%s, %s)"
+
+
+def fence_key(schema: str, partition: int) -> list[int]:
+    return [_fence_class(schema), partition]
 
 
 def apply_entries(
@@ -67,7 +114,31 @@ def load_account_query(schema: str) -> sql.Composed:
     ).format(sql.Identifier(schema))
 
 
-def snapshot_from_row(row: tuple[Any, ...] | None, defaults: AccountSnapshot) -> AccountSnapshot:
+# The most recent keys reloaded with an account; older ones are forgotten early.
+RESTORED_KEYS_MAX = 1_000
+
+
+def applied_keys_query(schema: str) -> sql.Composed:
+    """Idempotency keys of an account's calls still within the window, newest first.
+
+    Parameters: window (ms), account, window (ms), limit. Entries a call wrote
+    on its way (lapses, refills, the opening) carry its key but are not its effect.
+    """
+    return sql.SQL(
+        "SELECT idempotency_key, max(seq), "
+        "(extract(epoch FROM max(server_time) - now()) * 1000)::bigint + %s "
+        "FROM {}.ledger WHERE account = %s AND idempotency_key IS NOT NULL "
+        "AND op NOT IN ('lapse', 'refill', 'open') "
+        "AND server_time > now() - %s * interval '1 millisecond' "
+        "GROUP BY idempotency_key ORDER BY 2 DESC LIMIT %s"
+    ).format(sql.Identifier(schema))
+
+
+def snapshot_from_row(
+    row: tuple[Any, ...] | None,
+    defaults: AccountSnapshot,
+    applied: Sequence[tuple[Any, ...]] = (),
+) -> AccountSnapshot:
     """An account as the system of record has it; unknown ones open with the defaults."""
     if row is None:
         return defaults
@@ -78,4 +149,5 @@ def snapshot_from_row(row: tuple[Any, ...] | None, defaults: AccountSnapshot) ->
         chat_messages=chat_messages or 0,
         plan=plan or defaults.plan,
         sequence=last_seq,
+        applied_keys=tuple((key, seq, left) for key, seq, left in applied if left > 0),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import psycopg
 import redis
@@ -36,11 +37,18 @@ from .journal import JournalEntry, parse_entry, text
 from .keys import KeySpace
 from .pgloader import require_database_url
 from .scripts import load_scripts
-from .store import apply_entries
+from .store import apply_entries, fence_for_apply
 
-__all__ = ["SyncLag", "Syncer"]
+__all__ = ["BatchGone", "SyncLag", "Syncer"]
 
 log = logging.getLogger("redcredit.syncer")
+
+_WAITAOF_TIMEOUT_MS = 1_500  # above appendfsync everysec's one second, below the socket timeout
+_NO_AOF = re.compile(r"appendonly is disabled|unknown command", re.IGNORECASE)
+
+
+class BatchGone(RedCreditError):
+    """The journal entries of a batch are no longer in Redis (it lost its data)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +88,19 @@ class Syncer:
         self.settings = settings
         self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
         self.streams = self.keys.journals()
+        self._partition_of = {stream: p for p, stream in enumerate(self.streams)}
         self.group = settings.sync_group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._owns_redis = redis_client is None
         self.redis = redis_client or sync_client(settings, require_url(settings))
         self._owns_pool = pool is None
         self.pool = pool or ConnectionPool(
-            require_database_url(settings), min_size=1, max_size=2, open=True
+            require_database_url(settings),
+            min_size=1,
+            max_size=2,
+            # While PostgreSQL is down a tick gives up soon, and backs off.
+            timeout=settings.database_timeout.total_seconds(),
+            open=True,
         )
         self._ack = load_scripts()["ack"]
         self._fault = fault_hook or (lambda _stage: None)
@@ -177,14 +191,23 @@ class Syncer:
         return claimed
 
     def commit(self, entries: list[JournalEntry]) -> None:
-        """One PostgreSQL transaction for the batch; then acknowledge and delete."""
-        with self.pool.connection() as conn, conn.transaction():
-            apply_entries(conn, self.settings.pg_schema, entries)
-            self._fault("before_commit")
-        self._fault("after_commit")
+        """One PostgreSQL transaction for the batch; then acknowledge and delete.
+
+        Raises :class:`BatchGone` (committing nothing) when Redis no longer
+        holds the batch: it lost its data since the batch was read.
+        """
         by_stream: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
             by_stream[entry.stream].append(entry.stream_id)
+        partitions = [self._partition_of[stream] for stream in by_stream]
+        if self.settings.sync_waits_for_aof:
+            self._claim_again(by_stream, wait_for_disk=True)
+        with self.pool.connection() as conn, conn.transaction():
+            fence_for_apply(conn, self.settings.pg_schema, partitions)
+            apply_entries(conn, self.settings.pg_schema, entries)
+            self._fault("before_commit")
+            self._claim_again(by_stream, wait_for_disk=False)
+        self._fault("after_commit")
         pipe = self.redis.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             pipe.evalsha(self._ack.sha, 1, stream, self.group, *ids)
@@ -194,6 +217,35 @@ class Syncer:
             for stream, ids in by_stream.items():
                 self.redis.eval(self._ack.source.decode(), 1, stream, self.group, *ids)
 
+    def _claim_again(self, by_stream: dict[str, list[str]], *, wait_for_disk: bool) -> None:
+        """Raises :class:`BatchGone` unless Redis still has every entry of the batch.
+
+        Claiming the entries again tells whether each is still pending. It is
+        also a write, so a WAITAOF after it on the same connection waits for
+        the entries to be on disk: PostgreSQL must never hold an entry that a
+        Redis restarted from its append-only file forgot, or the account would
+        reuse its sequence number for another change.
+        """
+        pipe = cast(Any, self.redis.pipeline(transaction=False))
+        for stream, ids in by_stream.items():
+            pipe.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)
+        if wait_for_disk:
+            pipe.execute_command("WAITAOF", 1, 0, _WAITAOF_TIMEOUT_MS)
+        replies = pipe.execute(raise_on_error=False)
+        for (stream, ids), claimed in zip(by_stream.items(), replies, strict=False):
+            if isinstance(claimed, ResponseError) or len(claimed) != len(ids):
+                raise BatchGone(f"{stream} no longer holds {len(ids)} entries read from it")
+        if not wait_for_disk:
+            return
+        on_disk = replies[-1]
+        if isinstance(on_disk, ResponseError):
+            # Without an append-only file (or on a server without WAITAOF)
+            # there is nothing to wait for: a restart loses everything.
+            if not _NO_AOF.search(str(on_disk)):
+                raise on_disk
+        elif int(on_disk[0]) < 1:
+            raise RedCreditError("the journal entries were not yet on disk in Redis; will retry")
+
     def run_once(self) -> int:
         """Reads and persists one batch; returns the number of entries persisted."""
         if not self._held:
@@ -201,7 +253,21 @@ class Syncer:
         if not self._held:
             return 0
         # Kept until committed: a failed commit is retried with the same entries.
-        self.commit(self._held)
+        try:
+            self.commit(self._held)
+        except BatchGone as gone:
+            # Another syncer took some over (they are its to commit), or Redis
+            # restarted without them: the unsynced window lost with it, while
+            # the accounts reload from PostgreSQL. Either way, not ours to commit.
+            log.warning(
+                "set aside a batch of %d entries, committing none: %s (another syncer "
+                "claimed them, or Redis lost its data)",
+                len(self._held),
+                gone,
+            )
+            self._held = []
+            self._groups_ready = False
+            return 0
         count = len(self._held)
         self._held = []
         self.applied += count

@@ -33,6 +33,8 @@ __all__ = [
     "check_feature_name",
     "check_idempotency_key",
     "check_key_prefix",
+    "check_limit_name",
+    "check_model_name",
     "check_plan_name",
     "check_reason",
     "check_reservation_id",
@@ -55,6 +57,7 @@ _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Z
 _RESERVATION_ID: Final = re.compile(r"[0-9a-f]{32}")
 _FEATURE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PLAN: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_LIMIT: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 _SHOWN_CHARS: Final = 60
@@ -74,12 +77,24 @@ def short_repr(value: object) -> str:
         return f"<{type(value).__name__} of {value.bit_length()} bits>"
     if isinstance(value, str | bytes) and len(value) > _SHOWN_CHARS:
         # Head and tail, because a stray character at either end is a common fault.
-        return f"{value[:40]!r}...{value[-12:]!r} ({len(value)} {_units(value)})"
+        head = _clipped(value[:40], 50, keep_end=False)
+        tail = _clipped(value[-12:], 20, keep_end=True)
+        return f"{head}...{tail} ({len(value)} {_units(value)})"
     try:
         return _repr.repr(value)
     except Exception:
         # A broken __repr__ (or a huge int nested in a list) must not mask the refusal.
         return f"<{type(value).__name__} object>"
+
+
+def _clipped(part: str | bytes, budget: int, *, keep_end: bool) -> str:
+    # An escape (\x00, \U000e0041) shows as up to ten characters: fewer of those fit.
+    shown = repr(part)
+    while len(shown) > budget and len(part) > 1:
+        half = len(part) // 2
+        part = part[half:] if keep_end else part[:half]
+        shown = repr(part)
+    return shown
 
 
 def _units(value: str | bytes) -> str:
@@ -247,6 +262,23 @@ def check_feature_name(value: object) -> str:
         _FEATURE,
         "feature name",
         "1-64 characters of A-Z a-z 0-9 _ . : - starting with a letter or digit",
+    )
+
+
+def check_model_name(value: object) -> str:
+    """A model name, with the rules of a feature name."""
+    return _check_pattern(
+        value,
+        _FEATURE,
+        "model",
+        "1-64 characters of A-Z a-z 0-9 _ . : - starting with a letter or digit",
+    )
+
+
+def check_limit_name(value: object) -> str:
+    """1 to 32 characters of ``a-z 0-9 _``, starting with a letter, as a plan's limits are named."""
+    return _check_pattern(
+        value, _LIMIT, "limit name", "1-32 characters of a-z 0-9 _ starting with a letter"
     )
 
 

@@ -27,7 +27,7 @@ def snapshot(client: redis.Redis, prefix: str) -> dict[bytes, Any]:
 def journal_entries(client: redis.Redis, prefix: str) -> list[dict[str, str]]:
     """All journal entries under ``prefix``, decoded, in stream order per partition."""
     entries = []
-    for key in client.scan_iter(match=f"{prefix}:v1:*:journal", count=1000):
+    for key in client.scan_iter(match=f"{prefix}:v1:*:journal", count=1000, _type="stream"):
         for _id, fields in client.xrange(key):
             entries.append({k.decode(): v.decode() for k, v in fields.items()})
     return entries

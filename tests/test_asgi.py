@@ -362,9 +362,13 @@ async def test_async_identify_and_idempotency_key(
     async with http(served.url) as client:
         first = await client.post("/image", headers=headers)
         retried = await client.post("/image", headers=headers)
+        reused = await client.post("/chat", headers=headers)  # the key, for another request
     assert first.status_code == retried.status_code == 200
     # The retry replays the first charge.
     assert first.headers["x-credits-remaining"] == retried.headers["x-credits-remaining"] == "90"
+    assert reused.status_code == 409
+    assert reused.json()["type"] == PROBLEM + "idempotency-conflict"
+    assert served.app.stats.conflicts == 1
     assert (await arc.balance("frank")).credits == 90
 
 

@@ -67,7 +67,8 @@ def test_8_processes_on_one_account(
     results: multiprocessing.Queue = context.Queue()
     workers = [
         context.Process(
-            target=_spend_until_refused, args=(settings.model_dump_json(), cost, results)
+            target=_spend_until_refused,
+            args=(settings.model_dump_json(context={"reveal_secrets": True}), cost, results),
         )
         for _ in range(8)
     ]

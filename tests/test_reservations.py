@@ -204,7 +204,7 @@ HOLDER = textwrap.dedent(
 
 def test_killed_holder_lapses_by_itself(rc: RedCredit, settings: Settings) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, settings.model_dump_json()],
+        [sys.executable, "-c", HOLDER, settings.model_dump_json(context={"reveal_secrets": True})],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,13 +1,17 @@
-"""Scripts survive SCRIPT FLUSH and server restarts; an unreachable Redis is a typed error."""
+"""Scripts survive SCRIPT FLUSH and server restarts; an unreachable server is a typed error."""
 
 from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
 import redis
 
 from redcredit import AsyncRedCredit, BackendUnavailable, RedCredit, Settings
+from redcredit.migrate import migrate
+
+from .helpers import snapshot
 
 
 def test_script_flush_mid_traffic_costs_no_call(rc: RedCredit, redis_client) -> None:
@@ -62,3 +66,24 @@ def test_client_given_is_not_closed(redis_url: str, settings: Settings) -> None:
         client.spend("mine", cost=1)
     assert own.ping()
     own.close()
+
+
+async def test_postgres_down_while_loading_is_backend_unavailable(
+    postgres_factory, settings: Settings, redis_client, prefix: str
+) -> None:
+    """An account that must come from PostgreSQL while it is down: a typed error, no write."""
+    server = postgres_factory()
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        migrate(conn, "rc")
+    down = settings.model_copy(update={"database_url": server.url, "pg_schema": "rc"})
+    server.stop()
+    before = snapshot(redis_client, prefix)
+    with RedCredit(settings=down) as rc, pytest.raises(BackendUnavailable, match="PostgreSQL"):
+        rc.spend("cold", cost=1)
+    async with AsyncRedCredit(settings=down) as arc:
+        with pytest.raises(BackendUnavailable, match="PostgreSQL"):
+            await arc.spend("cold", cost=1)
+    assert snapshot(redis_client, prefix) == before
+    server.start()
+    with RedCredit(settings=down) as rc:
+        assert rc.spend("cold", cost=1).credits_remaining == down.free_credits - 1

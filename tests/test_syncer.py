@@ -14,9 +14,11 @@ import psycopg
 import pytest
 import redis
 
-from redcredit import AsyncRedCredit, RedCredit, Settings
-from redcredit.migrate import migrate
-from redcredit.syncer import Syncer
+from redcredit import AlreadyApplied, AsyncRedCredit, RedCredit, Settings
+from redcredit.migrate import migrate, migrations
+from redcredit.pgloader import PostgresLoader
+from redcredit.store import apply_entries
+from redcredit.syncer import BatchGone, Syncer
 
 from .helpers import assert_persisted_exactly, mixed_load
 
@@ -69,12 +71,55 @@ def test_redelivered_entries_change_nothing(pg_settings: Settings, syncer: Synce
     entries = syncer.read_batch()
     syncer.commit(entries)
     before = pg.execute(f'SELECT * FROM "{pg_settings.pg_schema}".accounts ORDER BY 1').fetchall()
-    syncer.commit(entries)  # delivered again: a crash between commit and acknowledgement
-    syncer.commit(list(reversed(entries)))  # and out of order
+    # Delivered again (a crash between commit and acknowledgement), and out of order.
+    for again in (entries, list(reversed(entries))):
+        with pg.transaction():
+            apply_entries(pg, pg_settings.pg_schema, again)
     after = pg.execute(f'SELECT * FROM "{pg_settings.pg_schema}".accounts ORDER BY 1').fetchall()
     assert [r[:5] for r in before] == [r[:5] for r in after]
     count = pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone()
     assert count == (len(entries),)
+
+
+def test_a_batch_redis_no_longer_holds_is_not_committed(
+    pg_settings: Settings, syncer: Syncer, pg, redis_client
+) -> None:
+    """Entries read before Redis lost its data must not land after the accounts reload."""
+    with RedCredit(settings=pg_settings) as rc:
+        rc.spend("gone", cost=1)
+    entries = syncer.read_batch()
+    for key in redis_client.scan_iter(match=f"{pg_settings.key_prefix}:*"):
+        redis_client.delete(key)
+    with pytest.raises(BatchGone):
+        syncer.commit(entries)
+    assert pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone() == (0,)
+
+
+def test_an_account_loaded_during_a_commit_is_read_after_it(
+    pg_settings: Settings, pg, redis_client
+) -> None:
+    """A reload (after Redis lost the account) waits for a batch in flight, then sees it."""
+    with RedCredit(settings=pg_settings) as rc:
+        for _ in range(3):
+            rc.spend("fenced", cost=1)
+    loaded: list[int] = []
+    loader = PostgresLoader(pg_settings)
+
+    def while_committing(stage: str) -> None:
+        if stage != "before_commit":
+            return
+        reader = threading.Thread(target=lambda: loaded.append(loader.load("fenced").sequence))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive(), "the load did not wait for the batch in flight"
+        threads.append(reader)
+
+    threads: list[threading.Thread] = []
+    with Syncer(pg_settings, fault_hook=while_committing) as fenced:
+        assert fenced.run_once() == 4  # the opening entry and three spends
+    threads[0].join(5)
+    loader.close()
+    assert loaded == [4]
 
 
 KILLED_SYNCER = textwrap.dedent(
@@ -100,7 +145,13 @@ def test_syncer_killed_mid_batch(pg_settings: Settings, redis_client, pg, stage:
         for i in range(400):
             rc.spend(f"k-{i % 40}", cost=1)
     done = subprocess.run(
-        [sys.executable, "-c", KILLED_SYNCER, pg_settings.model_dump_json(), stage],
+        [
+            sys.executable,
+            "-c",
+            KILLED_SYNCER,
+            pg_settings.model_dump_json(context={"reveal_secrets": True}),
+            stage,
+        ],
         timeout=60,
         check=False,
     )
@@ -189,6 +240,43 @@ def test_redis_flushed_rebuilds_from_postgres(pg_settings: Settings, redis_facto
         client.close()
 
 
+async def test_a_call_repeated_after_redis_lost_it_is_not_applied_again(
+    pg_settings: Settings, redis_factory, pg
+) -> None:
+    """Idempotency keys outlive a Redis that restarted empty: they reload with the account."""
+    server = redis_factory()
+    settings = pg_settings.model_copy(update={"redis_url": server.url})
+    with RedCredit(settings=settings) as rc, Syncer(settings) as syncer:
+        rc.grant("lazarus", 50, idempotency_key="payment-1")
+        rc.spend("lazarus", cost=30, idempotency_key="spend-1")
+        reservation = rc.reserve("lazarus", 10, idempotency_key="hold-1")
+        rc.settle(reservation, 4, idempotency_key="settle-1")
+        rc.spend("lazarus", cost=1)  # no key: nothing to remember
+        assert syncer.drain().caught_up
+        server.restart()  # no AOF, no RDB: Redis comes back empty
+        with pytest.raises(AlreadyApplied) as repeated:
+            rc.spend("lazarus", cost=30, idempotency_key="spend-1")
+        assert repeated.value.sequence == 3  # open, grant, then this spend
+        for call in (
+            lambda: rc.grant("lazarus", 50, idempotency_key="payment-1"),
+            lambda: rc.reserve("lazarus", 10, idempotency_key="hold-1"),
+            lambda: rc.settle(reservation, 4, idempotency_key="settle-1"),
+        ):
+            with pytest.raises(AlreadyApplied):
+                call()
+        async with AsyncRedCredit(settings=settings) as arc:
+            with pytest.raises(AlreadyApplied):
+                await arc.spend("lazarus", cost=30, idempotency_key="spend-1")
+        assert rc.balance("lazarus").credits == 100 + 50 - 30 - 4 - 1
+        # A new key still applies, once.
+        assert rc.spend("lazarus", cost=5, idempotency_key="spend-2").credits_remaining == 110
+        assert rc.spend("lazarus", cost=5, idempotency_key="spend-2").replayed
+        assert syncer.drain().caught_up
+        client = redis.Redis.from_url(server.url)
+        assert assert_persisted_exactly(client, settings, pg) == 1
+        client.close()
+
+
 def test_legacy_rows_with_null_balances(pg_settings: Settings, redis_client, pg) -> None:
     schema = pg_settings.pg_schema
     pg.execute(
@@ -230,7 +318,8 @@ def test_migrations_twice_and_concurrently(postgres_url: str, pg_schema: str) ->
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(results) == [[], [], [], [1]]
+    every = [m.version for m in migrations()]
+    assert sorted(results) == [[], [], [], every]
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         assert migrate(conn, pg_schema) == []
         # The CHECK constraints keep balances non-negative even for direct writes.
