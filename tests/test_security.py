@@ -82,6 +82,9 @@ def test_documented_acl_user_can_do_everything_and_nothing_else(
     server = redis_factory(password="admin-secret")
     admin = redis.Redis.from_url(server.url)
     rules = _documented_acl(">app-secret")
+    version = tuple(int(part) for part in admin.info("server")["redis_version"].split(".")[:2])
+    if version < (7, 2):  # as the doc says
+        rules = [r for r in rules if r not in ("+client|setinfo", "+waitaof")]
     admin.execute_command("ACL", "SETUSER", *rules)
     url = f"redis://redcredit:app-secret@127.0.0.1:{server.port}/0"
     limited = settings.model_copy(update={"redis_url": url, "key_prefix": "rc"})
