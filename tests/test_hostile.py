@@ -1029,16 +1029,38 @@ def test_cli_refuses_bad_environment_before_any_io(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    problems = []
+    cases = [(name, value, COMMANDS, names) for name, value, names in BAD_ENV]
     with world.unchanged():
-        for name, value, names in BAD_ENV:
-            with monkeypatch.context() as patch:
-                patch.setenv(name, value)
-                for command in COMMANDS:
-                    code, err = run_cli(command, capsys)
-                    if (problem := cli_problem([name, *command], code, err, names)) is not None:
-                        problems.append(problem)
+        problems = cli_problems_under_env(cases, capsys, monkeypatch)
         assert not problems, "\n".join(problems[:40])
+
+
+def cli_problems_under_env(
+    cases: list[tuple[str, str, list[list[str]], str | None]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[str]:
+    """Runs each command with one environment variable set to a bad value.
+
+    ``names`` (None: "redis" or "postgres" by the variable, or "url" when the
+    message speaks of one) is what the refusal must name.
+    """
+    problems = []
+    for name, value, commands, names in cases:
+        with monkeypatch.context() as patch:
+            patch.setenv(name, value)
+            for command in commands:
+                code, err = run_cli(command, capsys)
+                expected = names
+                if expected is None:
+                    expected = (
+                        "url"
+                        if "url" in err.lower()
+                        else ("redis" if "REDIS" in name else "postgres")
+                    )
+                if (problem := cli_problem([name, *command], code, err, expected)) is not None:
+                    problems.append(problem)
+    return problems
 
 
 # Connection URLs, each tried by the commands that use it.
@@ -1065,19 +1087,9 @@ def test_cli_refuses_malformed_urls_without_showing_the_password(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    problems = []
+    cases = [(name, url, commands, None) for name, url, commands in BAD_URLS]
     with world.unchanged():
-        for name, url, commands in BAD_URLS:
-            with monkeypatch.context() as patch:
-                patch.setenv(name, url)
-                for command in commands:
-                    code, err = run_cli(command, capsys)
-                    # Redis' or PostgreSQL's name, or "url": the message says which connection.
-                    names = "redis" if "REDIS" in name else "postgres"
-                    if "url" in err.lower():
-                        names = "url"
-                    if (problem := cli_problem([url, *command], code, err, names)) is not None:
-                        problems.append(problem)
+        problems = cli_problems_under_env(cases, capsys, monkeypatch)
         assert not problems, "\n".join(problems)
 
 
