@@ -32,8 +32,9 @@ local record, rid = KEYS[5], ARGV[11]
 local r = redis.call('HMGET', record, 'amt', 'dl', 'st', 'bp', 'f', 'ch', 'un', 'c', 'q')
 if not r[1] then return {RES_NOT_FOUND, 0} end
 if r[3] ~= 'a' then
-  return {OK, 1, CLOSED_STATE[r[3]], tonumber(r[6]), tonumber(r[7]), tonumber(r[8]),
-    tonumber(r[9])}
+  -- Stored under the key like a first reply: the key is bound to this call from now on.
+  return idem_store({OK, 1, CLOSED_STATE[r[3]], tonumber(r[6]), tonumber(r[7]),
+    tonumber(r[8]), tonumber(r[9])})
 end
 if not load_account() then return {MISSING, 0} end
 

@@ -107,3 +107,17 @@ def test_reserve_replay_returns_the_first_reservation(rc: RedCredit) -> None:
     again = rc.reserve("vic", 30, idempotency_key="stream-9")
     assert again.id == first.id and again.replayed
     assert rc.balance("vic").held == 30
+
+
+def test_a_key_first_used_on_a_closed_reservation_is_kept_for_that_call(rc: RedCredit) -> None:
+    # Closing a closed reservation replays its outcome; the key it came with
+    # must then be bound to that call like any other, or a later call could take
+    # it and the closing call, retried, would be refused as a conflict.
+    reservation = rc.reserve("wes", 40)
+    rc.release(reservation)
+    again = rc.settle(reservation, 25, idempotency_key="close-2")
+    assert again.replayed and (again.outcome, again.charged) == ("released", 0)
+    with pytest.raises(IdempotencyConflict):
+        rc.spend("wes", cost=5, idempotency_key="close-2")
+    assert rc.settle(reservation, 25, idempotency_key="close-2") == again
+    assert rc.balance("wes").credits == 100
