@@ -17,8 +17,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .config import Settings, check_redis_url, masked_url
+from .config import Settings
 from .errors import BackendUnavailable, ConfigError, RedCreditError
+from .urls import check_redis_url, masked_url
 
 __all__ = ["connection_options", "redis_errors_translated", "require_url", "translated"]
 

@@ -22,8 +22,9 @@ import psycopg
 from redis.exceptions import RedisError
 
 from .backend import translated
-from .config import Settings, without_secrets
+from .config import Settings
 from .errors import ConfigError, RedCreditError
+from .urls import without_secrets
 
 if TYPE_CHECKING:
     from .syncer import Syncer

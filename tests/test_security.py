@@ -46,7 +46,6 @@ from redcredit import (
 )
 from redcredit.asgi import CreditGate
 from redcredit.cli import main as cli_main
-from redcredit.config import masked_url
 from redcredit.embedded import EmbeddedRedis, free_port
 from redcredit.errors import EmbeddedServerError, ReservationNotFound
 from redcredit.fastapi import CreditDependency, add_problem_handler, gate
@@ -57,6 +56,7 @@ from redcredit.reconcile import scan_accounts
 from redcredit.results import ReservationRef
 from redcredit.routes import Route
 from redcredit.syncer import Syncer
+from redcredit.urls import masked_url
 
 from .helpers import account_entries, snapshot
 from .netproxy import NetProxy
