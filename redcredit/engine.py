@@ -323,7 +323,8 @@ class Engine:
             "debit",
             keys,
             idempotency_key,
-            f"{op}:{credits}:{messages}:{feature_name}:{model_name}",
+            # "|" is in no feature or model name (":" is): a:b + c differs from a + b:c.
+            f"{op}:{credits}:{messages}:{feature_name}|{model_name}",
             [credits, messages, feature_name, op],
             model=model_name,
         )

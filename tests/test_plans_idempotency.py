@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from redcredit import IdempotencyConflict, RedCredit, UnknownPlan
+from redcredit import CostTable, IdempotencyConflict, RedCredit, Settings, UnknownPlan
 
 from .helpers import account_entries, snapshot
 
@@ -121,3 +121,12 @@ def test_a_key_first_used_on_a_closed_reservation_is_kept_for_that_call(rc: RedC
         rc.spend("wes", cost=5, idempotency_key="close-2")
     assert rc.settle(reservation, 25, idempotency_key="close-2") == again
     assert rc.balance("wes").credits == 100
+
+
+def test_the_key_tells_feature_and_model_apart(settings: Settings) -> None:
+    # Names may hold ":": feature "a:b" with model "c" is not feature "a" with model "b:c".
+    priced = settings.model_copy(update={"costs": CostTable.from_mapping({"a": 5, "a:b": 5})})
+    with RedCredit(settings=priced) as rc:
+        rc.spend("yan", "a:b", model="c", idempotency_key="k")
+        with pytest.raises(IdempotencyConflict):
+            rc.spend("yan", "a", model="b:c", idempotency_key="k")
