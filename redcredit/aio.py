@@ -26,6 +26,7 @@ from .engine import (
     ScriptCall,
     check_durable,
 )
+from .errors import ConfigError
 from .loader import AsyncAccountLoader, AsyncDefaultsLoader
 from .pgloader import AsyncPostgresLoader
 from .results import (
@@ -65,9 +66,15 @@ class AsyncRedCredit:
                 self.settings, url
             )
             self._owns_redis = True
-        else:
+        elif isinstance(redis_client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
             self.redis = redis_client
             self._owns_redis = False
+        else:
+            raise ConfigError(
+                f"redis_client must be a URL or a Redis client, not {type(redis_client).__name__}"
+            )
+        if loader is not None and not callable(getattr(loader, "load", None)):
+            raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
         # Concurrent calls share round trips (see coalesce.py); a cluster
         # client routes each call to its own node instead.
         self._coalescer = (

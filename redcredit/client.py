@@ -25,6 +25,7 @@ from .engine import (
     ScriptCall,
     check_durable,
 )
+from .errors import ConfigError
 from .loader import AccountLoader, DefaultsLoader
 from .pgloader import PostgresLoader
 from .results import (
@@ -62,9 +63,15 @@ class RedCredit:
             url = redis_client if redis_client is not None else require_url(self.settings)
             self.redis: redis.Redis | redis.cluster.RedisCluster = sync_client(self.settings, url)
             self._owns_redis = True
-        else:
+        elif isinstance(redis_client, (redis.Redis, redis.cluster.RedisCluster)):
             self.redis = redis_client
             self._owns_redis = False
+        else:
+            raise ConfigError(
+                f"redis_client must be a URL or a Redis client, not {type(redis_client).__name__}"
+            )
+        if loader is not None and not callable(getattr(loader, "load", None)):
+            raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
         # Without a loader, accounts come from PostgreSQL when one is configured.
         self._owned_loader: PostgresLoader | None = None
         if loader is None and self.settings.database_url is not None:

@@ -826,6 +826,16 @@ def test_constructors_refuse_malformed_settings_and_urls(world: World) -> None:
                 assert "url" in str(refused.value).lower()
         with pytest.raises(ConfigError, match="Redis URL must be a str"):
             RedCredit(settings=world.settings.model_copy(update={"redis_url": b"redis://h"}))
+        for client in (5, b"redis://h", object()):
+            for kind in (RedCredit, AsyncRedCredit):
+                with pytest.raises(
+                    ConfigError, match="redis_client must be a URL or a Redis client"
+                ):
+                    kind(client, settings=world.settings)  # type: ignore[arg-type]
+        for loader in (5, "loader", object()):
+            for kind in (RedCredit, AsyncRedCredit):
+                with pytest.raises(ConfigError, match="loader must have a load"):
+                    kind(settings=world.settings, loader=loader)  # type: ignore[arg-type]
 
 
 # -- Settings --------------------------------------------------------------------------------------
