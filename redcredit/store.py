@@ -68,8 +68,15 @@ def fence_key(schema: str, partition: int) -> list[int]:
 
 def apply_entries(
     conn: psycopg.Connection[Any], schema: str, entries: Sequence[JournalEntry]
-) -> None:
-    """Writes a batch in the caller's transaction: ledger rows, then account balances."""
+) -> set[str]:
+    """Writes a batch in the caller's transaction: ledger rows, then account balances.
+
+    An account's entries land in order only: one whose predecessor is not in
+    PostgreSQL yet (another syncer holds it, or one that died) waits. Returns
+    the stream ids of the entries that wait, to be offered again later.
+    Otherwise a Redis that lost its data could leave a hole in the ledger: the
+    predecessor lost with it, and the account reloaded past it.
+    """
     schema_id = sql.Identifier(schema)
     columns = sql.SQL(", ").join(map(sql.Identifier, LEDGER_COLUMNS))
     # A per-session staging table: COPY is several times faster than INSERTs,
@@ -85,6 +92,20 @@ def apply_entries(
     ) as copy:
         for entry in entries:
             copy.write_row(entry.ledger_row())
+    # Past an account's last applied entry, its entries must run on from it
+    # without a hole; from the first hole on, they wait.
+    waiting = conn.execute(
+        sql.SQL(
+            "DELETE FROM redcredit_incoming AS i USING ("
+            " SELECT account, seq,"
+            " seq - last_seq - row_number() OVER (PARTITION BY account ORDER BY seq) AS hole"
+            " FROM (SELECT DISTINCT i.account, i.seq, COALESCE(a.last_seq, 0) AS last_seq"
+            " FROM redcredit_incoming AS i LEFT JOIN {}.accounts AS a USING (account)) AS s"
+            " WHERE seq > last_seq"
+            ") AS w WHERE i.account = w.account AND i.seq = w.seq AND w.hole > 0 "
+            "RETURNING i.stream_id"
+        ).format(schema_id)
+    ).fetchall()
     conn.execute(
         sql.SQL(
             "INSERT INTO {schema}.ledger ({columns}) "
@@ -106,6 +127,7 @@ def apply_entries(
             "WHERE a.last_seq < EXCLUDED.last_seq"
         ).format(schema=schema_id)
     )
+    return {stream_id for (stream_id,) in waiting}
 
 
 def load_account_query(schema: str) -> sql.Composed:

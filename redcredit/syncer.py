@@ -105,6 +105,7 @@ class Syncer:
         self._ack = load_scripts()["ack"]
         self._fault = fault_hook or (lambda _stage: None)
         self._held: list[JournalEntry] = []  # read, not yet committed
+        self._waiting: list[JournalEntry] = []  # committed around: an earlier entry is missing
         self._groups_ready = False
         self._next_claim = 0.0
         self._rotation = 0
@@ -190,11 +191,13 @@ class Syncer:
             log.info("claimed %d journal entries left pending by another syncer", len(claimed))
         return claimed
 
-    def commit(self, entries: list[JournalEntry]) -> None:
+    def commit(self, entries: list[JournalEntry]) -> list[JournalEntry]:
         """One PostgreSQL transaction for the batch; then acknowledge and delete.
 
-        Raises :class:`BatchGone` (committing nothing) when Redis no longer
-        holds the batch: it lost its data since the batch was read.
+        Returns the entries that wait for an earlier entry of their account
+        (see :func:`~redcredit.store.apply_entries`): neither applied nor
+        acknowledged. Raises :class:`BatchGone` (committing nothing) when
+        Redis no longer holds the batch: it lost its data since it was read.
         """
         by_stream: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
@@ -204,18 +207,23 @@ class Syncer:
             self._claim_again(by_stream, wait_for_disk=True)
         with self.pool.connection() as conn, conn.transaction():
             fence_for_apply(conn, self.settings.pg_schema, partitions)
-            apply_entries(conn, self.settings.pg_schema, entries)
+            waiting = apply_entries(conn, self.settings.pg_schema, entries)
             self._fault("before_commit")
             self._claim_again(by_stream, wait_for_disk=False)
         self._fault("after_commit")
+        done: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            if entry.stream_id not in waiting:
+                done[entry.stream].append(entry.stream_id)
         pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
+        for stream, ids in done.items():
             pipe.evalsha(self._ack.sha, 1, stream, self.group, *ids)
         results = pipe.execute(raise_on_error=False)
         if any(isinstance(r, ResponseError) for r in results):
             # NOSCRIPT after a restart or flush: EVAL caches the script again.
-            for stream, ids in by_stream.items():
+            for stream, ids in done.items():
                 self.redis.eval(self._ack.source.decode(), 1, stream, self.group, *ids)
+        return [entry for entry in entries if entry.stream_id in waiting]
 
     def _claim_again(self, by_stream: dict[str, list[str]], *, wait_for_disk: bool) -> None:
         """Raises :class:`BatchGone` unless Redis still has every entry of the batch.
@@ -249,12 +257,18 @@ class Syncer:
     def run_once(self) -> int:
         """Reads and persists one batch; returns the number of entries persisted."""
         if not self._held:
-            self._held = self.read_batch()
+            # Entries that waited for an earlier one of their account go again,
+            # with what is new (which may be that earlier one, claimed from a
+            # syncer that died).
+            fresh = self.read_batch()
+            waited = {entry.stream_id for entry in self._waiting}
+            self._held = self._waiting + [e for e in fresh if e.stream_id not in waited]
+            self._waiting = []
         if not self._held:
             return 0
         # Kept until committed: a failed commit is retried with the same entries.
         try:
-            self.commit(self._held)
+            self._waiting = self.commit(self._held)
         except BatchGone as gone:
             # Another syncer took some over (they are its to commit), or Redis
             # restarted without them: the unsynced window lost with it, while
@@ -268,7 +282,7 @@ class Syncer:
             self._held = []
             self._groups_ready = False
             return 0
-        count = len(self._held)
+        count = len(self._held) - len(self._waiting)
         self._held = []
         self.applied += count
         return count

@@ -95,6 +95,31 @@ def test_a_batch_redis_no_longer_holds_is_not_committed(
     assert pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone() == (0,)
 
 
+def test_an_entry_waits_for_the_ones_before_it(pg_settings: Settings, redis_client, pg) -> None:
+    """Two syncers split an account's entries: the later ones wait, so the ledger has no hole.
+
+    A hole would stay for good if Redis then lost the earlier entries: the
+    account would reload past them.
+    """
+    with (
+        RedCredit(settings=pg_settings) as rc,
+        Syncer(pg_settings, consumer="first") as first,
+        Syncer(pg_settings, consumer="second") as second,
+    ):
+        rc.spend("split", cost=1)
+        rc.spend("split", cost=1)
+        earlier = first.read_batch()  # open and two spends, held
+        rc.spend("split", cost=1)
+        rc.spend("split", cost=1)
+        assert second.run_once() == 0  # seq 4 and 5 wait for 1..3
+        ledger = f'SELECT seq FROM "{pg_settings.pg_schema}".ledger ORDER BY seq'
+        assert pg.execute(ledger).fetchall() == []
+        assert first.commit(earlier) == []
+        assert second.run_once() == 2
+        assert [seq for (seq,) in pg.execute(ledger).fetchall()] == [1, 2, 3, 4, 5]
+        assert assert_persisted_exactly(redis_client, pg_settings, pg) == 1
+
+
 def test_an_account_loaded_during_a_commit_is_read_after_it(
     pg_settings: Settings, pg, redis_client
 ) -> None:
