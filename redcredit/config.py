@@ -268,9 +268,10 @@ class Settings(BaseSettings):
     # with BackendUnavailable: a request should not hang while it is down.
     database_timeout: timedelta = timedelta(seconds=2)
     # The syncer: journal entries per PostgreSQL transaction, how often an
-    # idle syncer looks for new entries, when entries left pending by a dead
-    # syncer are claimed, and the longest wait between retries while
-    # PostgreSQL is down.
+    # idle syncer looks for new entries, how long a syncer that stopped
+    # renewing its lease keeps its partitions (and the entries it left
+    # pending) before another takes them, and the longest wait between
+    # retries while PostgreSQL is down.
     sync_batch_size: int = Field(default=2_000, ge=1, le=100_000)
     sync_interval: timedelta = timedelta(milliseconds=200)
     sync_claim_idle: timedelta = timedelta(seconds=30)

@@ -16,12 +16,11 @@ from typing import Any
 import psycopg
 import redis
 from psycopg import sql
-from redis.exceptions import ResponseError
 
 from .config import Settings
 from .keys import KeySpace
 from .reconcile import scan_accounts
-from .scripts import load_scripts
+from .scripts import load_scripts, run_each
 
 __all__ = ["EvictionReport", "evict_idle"]
 
@@ -58,21 +57,13 @@ def evict_idle(
     def flush() -> None:
         synced = {row[0]: row[1] for row in conn.execute(query, [pending])}
 
-        def run() -> list[Any]:
-            pipe = redis_client.pipeline(transaction=False)
-            for account in pending:
-                account_keys = keys.for_account(account)
-                # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
-                pipe.evalsha(
-                    script.sha, 2, account_keys.hash, account_keys.holds, idle_ms,
-                    synced.get(account, -1),
-                )  # fmt: skip
-            return pipe.execute(raise_on_error=False)
-
-        results = run()
-        if any(isinstance(r, ResponseError) for r in results):
-            redis_client.script_load(script.source)
-            results = run()
+        calls = []
+        for account in pending:
+            account_keys = keys.for_account(account)
+            # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
+            last_seq = synced.get(account, -1)
+            calls.append(([account_keys.hash, account_keys.holds], [idle_ms, last_seq]))
+        results = run_each(redis_client, script, calls)
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)
         pending.clear()

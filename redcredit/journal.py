@@ -49,6 +49,16 @@ class JournalEntry:
     reservation_id: str | None = None
     hold_amount: int | None = None
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        # Stream ids are unique within one stream only: partitions share them.
+        return (self.stream, self.stream_id)
+
+    @property
+    def position(self) -> tuple[str, int]:
+        """Where the entry lands in the ledger: its account and sequence number."""
+        return (self.account, self.seq)
+
     def ledger_row(self) -> tuple[Any, ...]:
         return (
             self.account,

@@ -12,6 +12,8 @@ Layout, with ``rc:v1`` the prefix and its schema version::
     rc:v1:{17}:r:<account>:<reservation>   reservation record (32 hex chars)
     rc:v1:{17}:i:<len>:<account>:<key>     idempotency record
     rc:v1:{17}:journal                     the partition's journal stream
+    rc:v1:{17}:sync:<group>                which syncer of the group reads it
+    rc:v1:{sync}:members:<group>           the group's live syncers
 
 The account id is the last part of the first three keys, after a one-letter
 kind, and the reservation id has a fixed length, so no id can be read as
@@ -70,6 +72,13 @@ class KeySpace:
 
     def journals(self) -> list[str]:
         return [self.journal(p) for p in range(self.partitions)]
+
+    def sync_lease(self, partition: int, group: str) -> str:
+        return f"{self.tag(partition)}:sync:{group}"
+
+    def sync_members(self, group: str) -> str:
+        # Not a partition's tag: the set spans all of them, and is touched alone.
+        return f"{self.prefix}:{{sync}}:members:{group}"
 
     def account_pattern(self) -> str:
         """SCAN pattern matching every account hash of this deployment."""

@@ -68,12 +68,13 @@ def fence_key(schema: str, partition: int) -> list[int]:
 
 def apply_entries(
     conn: psycopg.Connection[Any], schema: str, entries: Sequence[JournalEntry]
-) -> set[str]:
+) -> set[tuple[str, int]]:
     """Writes a batch in the caller's transaction: ledger rows, then account balances.
 
     An account's entries land in order only: one whose predecessor is not in
     PostgreSQL yet (another syncer holds it, or one that died) waits. Returns
-    the stream ids of the entries that wait, to be offered again later.
+    the positions (account, sequence number) of the entries that wait, to be
+    offered again later.
     Otherwise a Redis that lost its data could leave a hole in the ledger: the
     predecessor lost with it, and the account reloaded past it.
     """
@@ -103,7 +104,7 @@ def apply_entries(
             " FROM redcredit_incoming AS i LEFT JOIN {}.accounts AS a USING (account)) AS s"
             " WHERE seq > last_seq"
             ") AS w WHERE i.account = w.account AND i.seq = w.seq AND w.hole > 0 "
-            "RETURNING i.stream_id"
+            "RETURNING i.account, i.seq"
         ).format(schema_id)
     ).fetchall()
     conn.execute(
@@ -127,7 +128,7 @@ def apply_entries(
             "WHERE a.last_seq < EXCLUDED.last_seq"
         ).format(schema=schema_id)
     )
-    return {stream_id for (stream_id,) in waiting}
+    return {(account, seq) for account, seq in waiting}
 
 
 def load_account_query(schema: str) -> sql.Composed:

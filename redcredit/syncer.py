@@ -3,9 +3,11 @@
 An entry leaves Redis only after PostgreSQL has committed it: the syncer reads
 entries through a consumer group, writes a batch in one transaction, and only
 then acknowledges and deletes them (``lua/ack.lua``). A crash anywhere in
-between leaves the entries pending; they are claimed again (by any syncer,
-after ``sync_claim_idle``) and re-applied, which changes nothing the second
-time. Several syncers may run at once.
+between leaves the entries pending; they are claimed again and re-applied,
+which changes nothing the second time. Several syncers may run at once: each
+reads its own share of the partitions (:mod:`redcredit.sync_leases`), and the
+partitions of one that died are taken over, pending entries and all, after
+``sync_claim_idle``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from .errors import RedCreditError
 from .journal import JournalEntry, parse_entry, text
 from .keys import KeySpace
 from .pgloader import require_database_url
-from .scripts import load_scripts
+from .scripts import load_scripts, run_each
 from .store import apply_entries, fence_for_apply
+from .sync_leases import PartitionLeases
 
 __all__ = ["BatchGone", "SyncLag", "Syncer"]
 
@@ -107,6 +110,13 @@ class Syncer:
         self._held: list[JournalEntry] = []  # read, not yet committed
         self._waiting: list[JournalEntry] = []  # committed around: an earlier entry is missing
         self._groups_ready = False
+        self.leases = PartitionLeases(
+            self.redis, self.keys, self.group, self.consumer, settings.sync_claim_idle
+        )
+        self._next_renewal = 0.0
+        # Partitions whose pending entries are all ours to claim now: taken
+        # over from another syncer, or ours again after a batch was set aside.
+        self._claim_now: set[int] = set()
         self._next_claim = 0.0
         self._rotation = 0
         self._failures = 0
@@ -124,6 +134,11 @@ class Syncer:
 
     def close(self) -> None:
         self.stop()
+        try:
+            self.leases.release_all()
+        except redis.RedisError as exc:
+            # The leases lapse by themselves; the others only wait longer.
+            log.info("could not hand back the partitions: %s", exc)
         if self._owns_pool:
             self.pool.close()
         if self._owns_redis:
@@ -142,53 +157,86 @@ class Syncer:
                 raise result
         self._groups_ready = True
 
+    def renew_leases(self) -> None:
+        """Keeps this syncer's share of the partitions, at most every quarter lease."""
+        if time.monotonic() < self._next_renewal:
+            return
+        change = self.leases.renew()
+        self._next_renewal = time.monotonic() + self.settings.sync_claim_idle.total_seconds() / 4
+        self._claim_now |= change.gained
+        if change.lost:
+            # Their next reader claims these from the group, pending as they are.
+            self._claim_now -= change.lost
+            self._waiting = [
+                e for e in self._waiting if self._partition_of[e.stream] not in change.lost
+            ]
+
     def read_batch(self) -> list[JournalEntry]:
-        """Entries claimed from dead syncers first, then new ones, up to about a batch."""
+        """Up to about a batch from this syncer's partitions: pending entries first, then new ones.
+
+        A partition with entries waiting for an earlier one is not read
+        further: what it would give would only wait too.
+        """
         self.ensure_groups()
+        self.renew_leases()
+        owned = sorted(self.leases.held)
         limit = self.settings.sync_batch_size
-        entries: list[JournalEntry] = []
+        entries = self._claim(sorted(self._claim_now.intersection(owned)), 0, limit)
         if time.monotonic() >= self._next_claim:
-            entries += self._claim_idle(limit)
+            idle_ms = int(self.settings.sync_claim_idle.total_seconds() * 1000)
+            entries += self._claim(owned, idle_ms, limit)
             self._next_claim = time.monotonic() + self.settings.sync_claim_idle.total_seconds() / 2
+        blocked = {self._partition_of[entry.stream] for entry in self._waiting}
+        readable = [p for p in owned if p not in blocked]
         # Ask only the partitions that hold entries, and no more than a batch in
-        # all; a stream's length also counts entries in flight elsewhere, so
-        # this may read a little less than a batch, never much more.
+        # all; a stream's length also counts entries in flight, so this may
+        # read a little less than a batch, never much more.
         remaining = limit - len(entries)
         pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xlen(stream)
+        for p in readable:
+            pipe.xlen(self.streams[p])
         lengths = pipe.execute()
         # Rotate the first partition read, so a busy one cannot starve the rest.
-        first = self._rotation
-        self._rotation = (self._rotation + 1) % len(self.streams)
+        first = self._rotation % max(len(readable), 1)
+        self._rotation += 1
         pipe = self.redis.pipeline(transaction=False)
         asked = 0
-        for i in range(len(self.streams)):
-            index = (first + i) % len(self.streams)
+        for i in range(len(readable)):
+            index = (first + i) % len(readable)
             if remaining <= 0:
                 break
             if lengths[index]:
                 count = min(int(lengths[index]), remaining)
-                pipe.xreadgroup(self.group, self.consumer, {self.streams[index]: ">"}, count=count)
+                stream = self.streams[readable[index]]
+                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=count)
                 remaining -= count
                 asked += 1
         if asked:
             for reply in pipe.execute():
                 for stream, messages in reply or []:
                     entries += [parse_entry(stream, sid, fields) for sid, fields in messages]
-        return entries
+        # A claim may return what another claim in this call did.
+        return list({entry.identity: entry for entry in entries}.values())
 
-    def _claim_idle(self, limit: int) -> list[JournalEntry]:
-        idle_ms = int(self.settings.sync_claim_idle.total_seconds() * 1000)
+    def _claim(self, partitions: list[int], idle_ms: int, limit: int) -> list[JournalEntry]:
+        """Pending entries of these partitions idle for ``idle_ms``, whoever had them."""
+        if not partitions:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xautoclaim(stream, self.group, self.consumer, idle_ms, "0-0", count=limit)
+        for p in partitions:
+            pipe.xautoclaim(self.streams[p], self.group, self.consumer, idle_ms, "0-0", count=limit)
         claimed: list[JournalEntry] = []
-        for stream, reply in zip(self.streams, pipe.execute(), strict=True):
-            messages = reply[1]
+        for p, reply in zip(partitions, pipe.execute(), strict=True):
+            cursor, messages = text(reply[0]), reply[1]
+            stream = self.streams[p]
             claimed += [parse_entry(stream, sid, fields) for sid, fields in messages if fields]
+            if idle_ms == 0:
+                if cursor == "0-0":
+                    self._claim_now.discard(p)
+                else:  # more than a batch pending: the rest next time
+                    self._claim_now.add(p)
         if claimed:
-            log.info("claimed %d journal entries left pending by another syncer", len(claimed))
+            log.info("claimed %d journal entries left pending", len(claimed))
         return claimed
 
     def commit(self, entries: list[JournalEntry]) -> list[JournalEntry]:
@@ -213,17 +261,11 @@ class Syncer:
         self._fault("after_commit")
         done: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
-            if entry.stream_id not in waiting:
+            if entry.position not in waiting:
                 done[entry.stream].append(entry.stream_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in done.items():
-            pipe.evalsha(self._ack.sha, 1, stream, self.group, *ids)
-        results = pipe.execute(raise_on_error=False)
-        if any(isinstance(r, ResponseError) for r in results):
-            # NOSCRIPT after a restart or flush: EVAL caches the script again.
-            for stream, ids in done.items():
-                self.redis.eval(self._ack.source.decode(), 1, stream, self.group, *ids)
-        return [entry for entry in entries if entry.stream_id in waiting]
+        acks = [([stream], [self.group, *ids]) for stream, ids in done.items()]
+        run_each(self.redis, self._ack, acks)
+        return [entry for entry in entries if entry.position in waiting]
 
     def _claim_again(self, by_stream: dict[str, list[str]], *, wait_for_disk: bool) -> None:
         """Raises :class:`BatchGone` unless Redis still has every entry of the batch.
@@ -256,13 +298,15 @@ class Syncer:
 
     def run_once(self) -> int:
         """Reads and persists one batch; returns the number of entries persisted."""
+        # Also while a batch is retried (PostgreSQL down): the partitions stay ours.
+        self.renew_leases()
         if not self._held:
             # Entries that waited for an earlier one of their account go again,
             # with what is new (which may be that earlier one, claimed from a
             # syncer that died).
             fresh = self.read_batch()
-            waited = {entry.stream_id for entry in self._waiting}
-            self._held = self._waiting + [e for e in fresh if e.stream_id not in waited]
+            waited = {entry.identity for entry in self._waiting}
+            self._held = self._waiting + [e for e in fresh if e.identity not in waited]
             self._waiting = []
         if not self._held:
             return 0
@@ -281,6 +325,8 @@ class Syncer:
             )
             self._held = []
             self._groups_ready = False
+            # What is still pending in our partitions is ours: claim it afresh.
+            self._claim_now |= self.leases.held
             return 0
         count = len(self._held) - len(self._waiting)
         self._held = []

@@ -52,7 +52,8 @@ from redcredit.fastapi import CreditDependency, add_problem_handler, gate
 from redcredit.keys import KeySpace
 from redcredit.migrate import migrations
 from redcredit.pgloader import PostgresLoader
-from redcredit.reconcile import scan_accounts
+from redcredit.evict import evict_idle
+from redcredit.reconcile import reconcile, scan_accounts
 from redcredit.results import ReservationRef
 from redcredit.routes import Route
 from redcredit.syncer import Syncer
@@ -76,16 +77,55 @@ def _documented_acl(password: str) -> list[str]:
     return [password if w == ">CHANGE-ME" else w for w in words]
 
 
+def _for_this_server(admin: redis.Redis, rules: list[str]) -> list[str]:
+    version = tuple(int(part) for part in admin.info("server")["redis_version"].split(".")[:2])
+    if version < (7, 2):  # as the doc says
+        return [r for r in rules if r not in ("+client|setinfo", "+waitaof")]
+    return rules
+
+
+def test_documented_acl_user_runs_the_syncer_reconcile_and_evict(
+    redis_factory, pg_settings: Settings, pg
+) -> None:
+    """Everything the syncers do (leases and membership included) is in the documented ACL."""
+    server = redis_factory(password="admin-secret", appendonly=True)
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", *_for_this_server(admin, _documented_acl(">s-pw")))
+    url = f"redis://redcredit:s-pw@127.0.0.1:{server.port}/0"
+    limited = pg_settings.model_copy(update={"redis_url": url, "key_prefix": "rc"})
+    with (
+        RedCredit(settings=limited) as rc,
+        Syncer(limited, consumer="one") as one,
+        Syncer(limited, consumer="two") as two,
+    ):
+        for i in range(20):
+            rc.spend(f"acl-{i}", cost=1)
+        for syncer in (one, two, one, two):  # leases taken, then shared out
+            syncer._next_renewal = 0.0
+            syncer.renew_leases()
+        assert len(one.leases.held) == len(two.leases.held) == limited.partitions // 2
+        assert one.run_once() + two.run_once() == 40
+        admin.script_flush()  # the syncer's own scripts come back through SCRIPT LOAD
+        for i in range(20):
+            rc.spend(f"acl-{i}", cost=1)
+        one._next_renewal = two._next_renewal = 0.0
+        assert one.run_once() + two.run_once() == 20
+        assert one.lag().caught_up
+    assert pg.execute(f'SELECT count(*) FROM "{limited.pg_schema}".ledger').fetchone() == (60,)
+    user = redis.Redis.from_url(url)
+    assert reconcile(limited, user, pg).clean
+    assert evict_idle(limited, user, pg, idle=timedelta(0)).evicted == 20
+    user.close()
+    admin.close()
+
+
 def test_documented_acl_user_can_do_everything_and_nothing_else(
     redis_factory, settings: Settings
 ) -> None:
     server = redis_factory(password="admin-secret")
     admin = redis.Redis.from_url(server.url)
     rules = _documented_acl(">app-secret")
-    version = tuple(int(part) for part in admin.info("server")["redis_version"].split(".")[:2])
-    if version < (7, 2):  # as the doc says
-        rules = [r for r in rules if r not in ("+client|setinfo", "+waitaof")]
-    admin.execute_command("ACL", "SETUSER", *rules)
+    admin.execute_command("ACL", "SETUSER", *_for_this_server(admin, rules))
     url = f"redis://redcredit:app-secret@127.0.0.1:{server.port}/0"
     limited = settings.model_copy(update={"redis_url": url, "key_prefix": "rc"})
     with RedCredit(settings=limited) as rc:

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from redcredit import AlreadyApplied, AsyncRedCredit, RedCredit, Settings
+from redcredit.keys import KeySpace
 from redcredit.migrate import migrate, migrations
 from redcredit.pgloader import PostgresLoader
 from redcredit.store import apply_entries
@@ -95,29 +96,103 @@ def test_a_batch_redis_no_longer_holds_is_not_committed(
     assert pg.execute(f'SELECT COUNT(*) FROM "{pg_settings.pg_schema}".ledger').fetchone() == (0,)
 
 
-def test_an_entry_waits_for_the_ones_before_it(pg_settings: Settings, redis_client, pg) -> None:
-    """Two syncers split an account's entries: the later ones wait, so the ledger has no hole.
+def test_an_entry_waits_for_the_ones_before_it(pg_settings: Settings, syncer: Syncer, pg) -> None:
+    """Applied ahead of an earlier entry of its account, an entry waits: the ledger has no hole.
 
     A hole would stay for good if Redis then lost the earlier entries: the
     account would reload past them.
     """
+    with RedCredit(settings=pg_settings) as rc:
+        for _ in range(4):
+            rc.spend("split", cost=1)
+    entries = syncer.read_batch()  # the opening and four spends
+    ledger = f'SELECT seq FROM "{pg_settings.pg_schema}".ledger ORDER BY seq'
+    later = {entry.position for entry in entries[3:]}
+    with pg.transaction():
+        assert apply_entries(pg, pg_settings.pg_schema, entries[3:]) == later
+    assert pg.execute(ledger).fetchall() == []
+    with pg.transaction():
+        assert apply_entries(pg, pg_settings.pg_schema, entries[:3]) == set()
+        assert apply_entries(pg, pg_settings.pg_schema, entries[3:]) == set()
+    assert [seq for (seq,) in pg.execute(ledger).fetchall()] == [1, 2, 3, 4, 5]
+
+
+def test_a_syncer_paused_past_its_lease_is_taken_over_and_harmless(
+    pg_settings: Settings, redis_client, pg
+) -> None:
+    """The next syncer claims what the paused one held; what the paused one commits waits or is gone."""
+    slow = pg_settings.model_copy(update={"sync_claim_idle": timedelta(minutes=5)})
+    keys = KeySpace(pg_settings.versioned_prefix, pg_settings.partitions)
     with (
         RedCredit(settings=pg_settings) as rc,
-        Syncer(pg_settings, consumer="first") as first,
-        Syncer(pg_settings, consumer="second") as second,
+        Syncer(slow, consumer="paused") as paused,
+        Syncer(pg_settings, consumer="next") as successor,
     ):
-        rc.spend("split", cost=1)
-        rc.spend("split", cost=1)
-        earlier = first.read_batch()  # open and two spends, held
-        rc.spend("split", cost=1)
-        rc.spend("split", cost=1)
-        assert second.run_once() == 0  # seq 4 and 5 wait for 1..3
+        rc.spend("taken", cost=1)
+        rc.spend("taken", cost=1)
+        earlier = paused.read_batch()  # the opening and two spends
+        assert len(earlier) == 3 and len(paused.leases.held) == pg_settings.partitions
+        # Its leases and membership lapse while it is paused; it does not know yet.
+        redis_client.delete(keys.sync_members(pg_settings.sync_group))
+        for p in range(pg_settings.partitions):
+            redis_client.delete(keys.sync_lease(p, pg_settings.sync_group))
+        rc.spend("taken", cost=1)
+        rc.spend("taken", cost=1)
+        later = paused.read_batch()
+        assert len(later) == 2
+        assert paused.commit(later) == later  # seq 4 and 5 wait for 1..3
         ledger = f'SELECT seq FROM "{pg_settings.pg_schema}".ledger ORDER BY seq'
         assert pg.execute(ledger).fetchall() == []
-        assert first.commit(earlier) == []
-        assert second.run_once() == 2
+        # The successor takes every partition, with what the paused one left pending.
+        assert successor.run_once() == 5
+        assert len(successor.leases.held) == pg_settings.partitions
+        with pytest.raises(BatchGone):
+            paused.commit(earlier)
         assert [seq for (seq,) in pg.execute(ledger).fetchall()] == [1, 2, 3, 4, 5]
         assert assert_persisted_exactly(redis_client, pg_settings, pg) == 1
+
+
+def test_syncers_share_the_partitions_and_take_over_from_one_that_leaves(
+    pg_settings: Settings,
+) -> None:
+    syncers = [Syncer(pg_settings, consumer=f"s{i}") for i in range(3)]
+    try:
+        for _ in range(2):  # the first to renew takes all; the second round balances
+            for syncer in syncers:
+                syncer._next_renewal = 0.0
+                syncer.renew_leases()
+        shares = [syncer.leases.held for syncer in syncers]
+        assert sorted(len(share) for share in shares) == [21, 21, 22]
+        assert frozenset().union(*shares) == frozenset(range(pg_settings.partitions))
+        assert sum(map(len, shares)) == pg_settings.partitions  # no partition read twice
+        syncers.pop().close()  # hands its partitions back at once
+        # A partition moves once its holder has given it up: within two rounds.
+        for syncer in syncers + syncers:
+            syncer._next_renewal = 0.0
+            syncer.renew_leases()
+        assert sorted(len(s.leases.held) for s in syncers) == [32, 32]
+        syncers[0].leases.release_all()  # leaves, then comes back: the two share again
+        for syncer in syncers + syncers:
+            syncer._next_renewal = 0.0
+            syncer.renew_leases()
+        assert sorted(len(s.leases.held) for s in syncers) == [32, 32]
+    finally:
+        for syncer in syncers:
+            syncer.close()
+
+
+def test_a_dead_syncers_partitions_lapse_to_the_others(pg_settings: Settings) -> None:
+    with Syncer(pg_settings, consumer="alive") as alive:
+        dead = Syncer(pg_settings, consumer="dead")
+        for syncer in (alive, dead, alive, dead):
+            syncer._next_renewal = 0.0
+            syncer.renew_leases()
+        assert len(alive.leases.held) == len(dead.leases.held) == 32
+        dead.redis.close()  # dies without a word: nothing handed back
+        time.sleep(pg_settings.sync_claim_idle.total_seconds() + 0.1)
+        alive._next_renewal = 0.0
+        alive.renew_leases()
+        assert len(alive.leases.held) == pg_settings.partitions
 
 
 def test_an_account_loaded_during_a_commit_is_read_after_it(
