@@ -39,7 +39,6 @@ def share_of(members: Sequence[str], me: str, partitions: int) -> frozenset[int]
 
 @dataclass(frozen=True, slots=True)
 class LeaseChange:
-    held: frozenset[int]
     gained: frozenset[int]  # taken over: pending entries of the previous reader are ours now
     lost: frozenset[int]  # another syncer reads them now
 
@@ -65,16 +64,16 @@ class PartitionLeases:
         members = self._members(leaving=False)
         target = share_of(members, self._name, self._keys.partitions)
         wanted = sorted(target)
-        released = sorted(self.held - target)
-        replies = self._leases(wanted, "hold") + self._leases(released, "release")
-        held = frozenset(p for p, ours in zip(wanted, replies, strict=False) if int(ours) == 1)
-        change = LeaseChange(held, held - self.held, self.held - held)
+        calls = [(p, "hold") for p in wanted] + [(p, "release") for p in self.held - target]
+        replies = self._leases(calls)
+        held = frozenset(p for p, ours in zip(wanted, replies, strict=False) if ours == 1)
+        change = LeaseChange(held - self.held, self.held - held)
         self.held = held
         return change
 
     def release_all(self) -> None:
         """Leaves at once, so the others take the partitions over without waiting."""
-        self._leases(sorted(self.held), "release")
+        self._leases([(p, "release") for p in self.held])
         self.held = frozenset()
         self._members(leaving=True)
 
@@ -84,7 +83,10 @@ class PartitionLeases:
         (names,) = run_each(self._redis, self._members_script, [([key], args)])
         return [text(name) for name in names]
 
-    def _leases(self, partitions: Sequence[int], mode: str) -> list[int]:
-        args: list[str | int] = [self._name, self._lease_ms, mode]
-        calls = [([self._keys.sync_lease(p, self._group)], args) for p in partitions]
-        return [int(reply) for reply in run_each(self._redis, self._lease_script, calls)]
+    def _leases(self, calls: Sequence[tuple[int, str]]) -> list[int]:
+        """Holds or releases each (partition, mode), in one round trip."""
+        script_calls: list[tuple[Sequence[str], Sequence[str | int]]] = [
+            ([self._keys.sync_lease(p, self._group)], [self._name, self._lease_ms, mode])
+            for p, mode in calls
+        ]
+        return [int(reply) for reply in run_each(self._redis, self._lease_script, script_calls)]
