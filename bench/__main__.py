@@ -77,9 +77,9 @@ import redis
 
 from redcredit import AsyncRedCredit, RedCredit, Settings
 from redcredit.config import LimitSettings, PlanSettings
-from redcredit.embedded import EmbeddedRedis, find_redis_server
-from redcredit.embedded_pg import EmbeddedPostgres
-from redcredit.engine import Engine, ScriptCall
+from redcredit.core.engine import Engine, ScriptCall
+from redcredit.servers.postgres import EmbeddedPostgres
+from redcredit.servers.redis import EmbeddedRedis, find_redis_server
 
 from .sync_worker import sync_worker
 
@@ -710,7 +710,7 @@ def section_chat(cfg: Config, url: str, res: Results) -> None:
 
 
 def section_syncer(cfg: Config, url: str, pg_url: str, res: Results) -> None:
-    from redcredit.migrate import migrate
+    from redcredit.backends.migrate import migrate
 
     from .write_behind import lag_under_load, measure_drain
 

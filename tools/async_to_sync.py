@@ -1,10 +1,10 @@
-"""Writes redcredit/client.py from redcredit/aio.py, so the two clients cannot drift apart.
+"""Writes clients/sync_client.py from clients/async_client.py, so the two clients cannot drift.
 
-    python tools/async_to_sync.py          # rewrite client.py
-    python tools/async_to_sync.py --check  # exit 1 if client.py is not up to date
+    python tools/async_to_sync.py          # rewrite sync_client.py
+    python tools/async_to_sync.py --check  # exit 1 if sync_client.py is not up to date
 
 The async client is the source. The transformation is plain text, in order;
-every rule must apply at least once, so a change to aio.py that a rule no
+every rule must apply at least once, so a change to async_client.py that a rule no
 longer matches fails loudly instead of producing a half-converted file.
 """
 
@@ -16,19 +16,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "redcredit" / "aio.py"
-TARGET = ROOT / "redcredit" / "client.py"
+SOURCE = ROOT / "redcredit" / "clients" / "async_client.py"
+TARGET = ROOT / "redcredit" / "clients" / "sync_client.py"
 
 HEADER = (
     '"""The synchronous client: a thin driver of the engine\'s operations.\n\n'
-    "Generated from ``aio.py`` by ``tools/async_to_sync.py``: edit that file and\n"
+    "Generated from ``async_client.py`` by ``tools/async_to_sync.py``: edit that file and\n"
     "run the tool; a test fails when the two differ.\n"
     '"""'
 )
 
 RULES: list[tuple[str, str]] = [
     # The sync client makes one call per round trip: no coalescing.
-    ("from .coalesce import Coalescer\n", ""),
+    ("from ..backends.coalesce import Coalescer\n", ""),
     (
         "        # Concurrent calls share round trips (see coalesce.py); a cluster\n"
         "        # client routes each call to its own node instead.\n"
@@ -70,11 +70,12 @@ RULES: list[tuple[str, str]] = [
 
 def convert(source: str) -> str:
     end = source.index('"""', 3) + 3
-    text = HEADER + source[end:]
+    text = source[end:]
     for old, new in RULES:
         if old not in text:
-            raise SystemExit(f"rule no longer applies to aio.py: {old!r}")
+            raise SystemExit(f"rule no longer applies to async_client.py: {old!r}")
         text = text.replace(old, new)
+    text = HEADER + text
     # Renames can reorder imports and shorten lines: let ruff settle both.
     text = _ruff(text, "check", "--fix", "--select", "I", "--quiet", "--exit-zero")
     return _ruff(text, "format")
@@ -99,7 +100,7 @@ def main() -> int:
     generated = convert(SOURCE.read_text())
     if args.check:
         if TARGET.read_text() != generated:
-            print("redcredit/client.py is out of date: run tools/async_to_sync.py")
+            print("redcredit/clients/sync_client.py is out of date: run tools/async_to_sync.py")
             return 1
         return 0
     TARGET.write_text(generated)

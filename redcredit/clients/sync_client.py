@@ -1,0 +1,355 @@
+"""The synchronous client: a thin driver of the engine's operations.
+
+Generated from ``async_client.py`` by ``tools/async_to_sync.py``: edit that file and
+run the tool; a test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any, Self, TypeVar, cast
+
+import redis
+import redis.cluster
+from redis.exceptions import NoScriptError
+
+from ..backends.postgres_loader import PostgresLoader
+from ..backends.redis import redis_errors_translated, require_url, sync_client
+from ..config import Settings
+from ..core.engine import (
+    Engine,
+    LoadAccount,
+    Operation,
+    ReservationLike,
+    ScriptCall,
+    check_durable,
+)
+from ..core.loader import AccountLoader, DefaultsLoader
+from ..errors import ConfigError
+from ..results import (
+    Balance,
+    BalanceChange,
+    PlanChange,
+    Reservation,
+    Settlement,
+    SpendResult,
+)
+from .reservation import ReservationBlock
+
+__all__ = ["RedCredit"]
+
+T = TypeVar("T")
+
+
+class RedCredit:
+    """Credits, chat messages and reservations, from synchronous code.
+
+    Pass a ``redis.Redis`` (or ``redis.cluster.RedisCluster``) client you own,
+    or a URL; without either, ``settings.redis_url`` is used. Only a client
+    created here is closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis | redis.cluster.RedisCluster | str | None = None,
+        *,
+        settings: Settings | None = None,
+        loader: AccountLoader | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.engine = Engine(self.settings)
+        if redis_client is None or isinstance(redis_client, str):
+            url = redis_client if redis_client is not None else require_url(self.settings)
+            self.redis: redis.Redis | redis.cluster.RedisCluster = sync_client(self.settings, url)
+            self._owns_redis = True
+        elif isinstance(redis_client, (redis.Redis, redis.cluster.RedisCluster)):
+            self.redis = redis_client
+            self._owns_redis = False
+        else:
+            raise ConfigError(
+                f"redis_client must be a URL or a Redis client, not {type(redis_client).__name__}"
+            )
+        if loader is not None and not callable(getattr(loader, "load", None)):
+            raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
+        # Without a loader, accounts come from PostgreSQL when one is configured.
+        self._owned_loader: PostgresLoader | None = None
+        if loader is None and self.settings.database_url is not None:
+            self._owned_loader = loader = PostgresLoader(self.settings)
+        self.loader = loader if loader is not None else DefaultsLoader(self.settings)
+
+    def close(self) -> None:
+        if self._owned_loader is not None:
+            self._owned_loader.close()
+        if self._owns_redis:
+            self.redis.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- driver ------------------------------------------------------------------
+
+    def run(self, operation: Operation[T]) -> T:
+        """Performs the I/O an engine operation asks for, until it returns."""
+        try:
+            step = next(operation)
+            while True:
+                if isinstance(step, ScriptCall):
+                    step = operation.send(self._evalsha(step))
+                else:
+                    step = operation.send(self._load(step))
+        except StopIteration as finished:
+            result: T = finished.value
+            return result
+
+    def _evalsha(self, call: ScriptCall) -> Any:
+        if call.wait is not None:
+            return self._evalsha_durable(call)
+        with redis_errors_translated():
+            try:
+                return self.redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            except NoScriptError:
+                # After a restart, failover or SCRIPT FLUSH: EVAL runs the script
+                # and caches it again in one step, so no flush in between can
+                # make this call fail.
+                return self.redis.eval(
+                    call.script.source.decode(), len(call.keys), *call.keys, *call.args
+                )
+
+    def _evalsha_durable(self, call: ScriptCall) -> Any:
+        """The script and its WAITAOF / WAIT in one round trip."""
+        wait = call.wait or ()
+        with redis_errors_translated():
+            pipe = cast(Any, self.redis.pipeline(transaction=False))
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(*wait)
+            reply, acknowledged = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                pipe = cast(Any, self.redis.pipeline(transaction=False))
+                pipe.eval(call.script.source.decode(), len(call.keys), *call.keys, *call.args)
+                pipe.execute_command(*wait)
+                reply, acknowledged = pipe.execute(raise_on_error=False)
+            for result in (reply, acknowledged):
+                if isinstance(result, Exception):
+                    raise result
+        check_durable(call, reply, acknowledged)
+        return reply
+
+    def _load(self, step: LoadAccount) -> Any:
+        return self.loader.load(step.account)
+
+    # -- operations ----------------------------------------------------------------
+
+    def spend(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> SpendResult:
+        """Spends credits priced by ``feature`` (from the cost table) or an explicit ``cost``.
+
+        Raises :class:`InsufficientCredits` (changing nothing) when the available
+        balance is short, :class:`RateLimited` when a rate limit of the plan
+        refuses (``model`` selects per-model limits). On a bypassing plan the
+        result's remaining is ``None``.
+        """
+        return self.run(
+            self.engine.spend(
+                account,
+                feature,
+                cost=cost,
+                units=units,
+                model=model,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def spend_chat_message(
+        self,
+        account: str,
+        *,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> SpendResult:
+        """Spends chat messages; :class:`InsufficientChatMessages` when none are left."""
+        return self.run(
+            self.engine.spend_chat_message(
+                account, messages=messages, model=model, idempotency_key=idempotency_key
+            )
+        )
+
+    def chat_turn(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> SpendResult:
+        """One chat message and the turn's credits together: a refused turn spends neither.
+
+        The plan's rate limits are checked in the same step: a turn refused by
+        any of them spends nothing at all.
+        """
+        return self.run(
+            self.engine.chat_turn(
+                account,
+                feature,
+                cost=cost,
+                units=units,
+                messages=messages,
+                model=model,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def grant(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> BalanceChange:
+        """Adds credits and/or chat messages, e.g. keyed by a payment id."""
+        return self.run(
+            self.engine.grant(
+                account,
+                credits,
+                chat_messages=chat_messages,
+                reason=reason,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def correct(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> BalanceChange:
+        """Adds or removes balances by signed deltas, journaled like every change."""
+        return self.run(
+            self.engine.correct(
+                account,
+                credits,
+                chat_messages=chat_messages,
+                reason=reason,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def set_plan(
+        self, account: str, plan: str, *, idempotency_key: str | None = None
+    ) -> PlanChange:
+        return self.run(self.engine.set_plan(account, plan, idempotency_key=idempotency_key))
+
+    def balance(self, account: str, *, model: str | None = None) -> Balance:
+        """Balances and rate limits, read without spending (refills due are applied)."""
+        return self.run(self.engine.balance(account, model=model))
+
+    def reset_limits(
+        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+    ) -> int:
+        """Admin: forgets one rate limit's state (or all); returns the states removed."""
+        return self.run(self.engine.reset_limits(account, name, idempotency_key=idempotency_key))
+
+    def reserve(
+        self,
+        account: str,
+        amount: int,
+        *,
+        ttl: int | timedelta | None = None,
+        feature: str | None = None,
+        messages: int = 0,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Reservation:
+        """Holds ``amount`` credits until the lease ends (``ttl`` seconds, server clock).
+
+        ``messages`` chat messages are spent with the hold, in the same step (a
+        streamed chat turn); rate limits are checked with the amount held.
+        """
+        return self.run(
+            self.engine.reserve(
+                account,
+                amount,
+                ttl=ttl,
+                feature=feature,
+                messages=messages,
+                model=model,
+                reservation_id=uuid.uuid4().hex,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def settle(
+        self,
+        reservation: ReservationLike,
+        actual: int,
+        *,
+        allow_late: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Settlement:
+        """Charges the actual cost and ends the hold; repeating it returns the first outcome.
+
+        A cost above the amount held is charged as far as the available balance
+        goes; the rest is reported as ``uncharged``. A lapsed lease raises
+        :class:`ReservationLapsed` unless ``allow_late``.
+        """
+        return self.run(
+            self.engine.close_reservation(
+                reservation,
+                release=False,
+                actual=actual,
+                allow_late=allow_late,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def release(
+        self, reservation: ReservationLike, *, idempotency_key: str | None = None
+    ) -> Settlement:
+        """Ends the hold without charging; repeating it returns the first outcome."""
+        return self.run(
+            self.engine.close_reservation(
+                reservation, release=True, idempotency_key=idempotency_key
+            )
+        )
+
+    def extend(
+        self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
+    ) -> Reservation:
+        """Renews a live lease to now + ``ttl``; a lapsed one raises :class:`ReservationLapsed`."""
+        return self.run(self.engine.extend(reservation, ttl=ttl))
+
+    def reservation(
+        self,
+        account: str,
+        amount: int,
+        *,
+        ttl: int | timedelta | None = None,
+        feature: str | None = None,
+        allow_late: bool = True,
+    ) -> ReservationBlock:
+        """A ``with`` block that reserves, renews while it runs, and settles or releases.
+
+        ``allow_late`` charges the reported cost even if renewals failed and the
+        lease lapsed, as far as the balance goes: the work was done.
+        """
+        return ReservationBlock(self, account, amount, ttl, feature, allow_late)

@@ -1,0 +1,632 @@
+"""The I/O-free core: validates arguments, builds script calls, parses replies.
+
+Each operation is a generator that yields the I/O it needs (a script call, or
+an account to load) and receives the answer; the sync and async clients only
+drive these generators. The rules are therefore written once, here and in the
+Lua scripts, and the clients cannot drift apart.
+
+Every argument is validated when the operation is created, before the client
+touches Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final, TypeVar
+
+from .. import validation as v
+from ..config import Settings
+from ..errors import (
+    AlreadyApplied,
+    BalanceOverflow,
+    ConfigError,
+    IdempotencyConflict,
+    InsufficientChatMessages,
+    InsufficientCredits,
+    InvalidInput,
+    NotDurable,
+    RateLimited,
+    RedCreditError,
+    ReservationClosed,
+    ReservationError,
+    ReservationLapsed,
+    ReservationNotFound,
+)
+from ..results import (
+    Balance,
+    BalanceChange,
+    LimitState,
+    PlanChange,
+    Reservation,
+    ReservationRef,
+    Settlement,
+    SettlementOutcome,
+    SpendResult,
+)
+from .keys import AccountKeys, KeySpace
+from .loader import AccountSnapshot
+from .plan_rules import Rules
+from .scripts import LuaScript, load_scripts
+
+__all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall", "check_durable"]
+
+T = TypeVar("T")
+
+# Reply status codes, as defined in lua/_prelude.lua.
+OK: Final = 0
+MISSING: Final = 1
+NO_CREDITS: Final = 2
+NO_CHAT: Final = 3
+RES_NOT_FOUND: Final = 4
+RES_LAPSED: Final = 5
+IDEM_CONFLICT: Final = 6
+OVERFLOW: Final = 7
+RES_EXISTS: Final = 8
+RES_CLOSED: Final = 9
+RATE_LIMITED: Final = 10
+APPLIED_BEFORE: Final = 11
+
+_OUTCOMES: Final[dict[int, SettlementOutcome]] = {1: "settled", 2: "released", 3: "settled_late"}
+
+ReservationLike = Reservation | ReservationRef
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """Run ``script`` with EVALSHA; the driver answers with the raw reply."""
+
+    script: LuaScript
+    keys: Sequence[str]
+    args: Sequence[str | int]
+    # A WAITAOF or WAIT command to send in the same round trip, when the
+    # settings ask for durability before answering.
+    wait: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadAccount:
+    """Load an account absent from Redis; the driver answers with an AccountSnapshot."""
+
+    account: str
+
+
+Step = ScriptCall | LoadAccount
+Operation = Generator[Step, Any, T]
+
+
+def _unlimited_as_none(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Engine:
+    """Validates, builds and parses every operation for one deployment's settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not isinstance(settings, Settings):
+            # Only the type is shown: a mapping of settings may hold passwords.
+            raise ConfigError(
+                f"settings must be a redcredit Settings, not {type(settings).__name__}"
+            )
+        self.settings = settings
+        self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
+        self.scripts = load_scripts()
+        self.costs = settings.costs
+        self.rules = Rules(settings)
+        # Only tests move the clock: it shifts the server's TIME inside scripts.
+        self.clock_offset_ms = 0
+        self._bypass = "|" + "|".join(settings.bypass_plans) + "|"
+        self._idem_window_ms = _ms(settings.idempotency_window)
+        self._retention_ms = _ms(settings.reservation_retention)
+        self._ttl_default_ms = _ms(settings.reservation_ttl)
+        self._ttl_min_ms = _ms(settings.reservation_ttl_min)
+        self._ttl_max_ms = _ms(settings.reservation_ttl_max)
+        wait_ms = _ms(settings.durability_timeout)
+        self._wait: tuple[str | int, ...] | None = {
+            "none": None,
+            "aof": ("WAITAOF", 1, 0, wait_ms),
+            "replica": ("WAIT", 1, wait_ms),
+        }[settings.durability]
+
+    # -- building blocks -------------------------------------------------------
+
+    def _call(
+        self,
+        script: str,
+        keys: AccountKeys,
+        idempotency_key: str | None,
+        fingerprint: str,
+        args: Sequence[str | int],
+        extra_keys: Sequence[str] = (),
+        model: str = "",
+    ) -> ScriptCall:
+        return ScriptCall(
+            self.scripts[script],
+            [*keys.common(idempotency_key), *extra_keys],
+            [
+                keys.account,
+                self.clock_offset_ms,
+                idempotency_key or "",
+                fingerprint,
+                self._idem_window_ms,
+                self._bypass,
+                self.rules.text(),
+                model,
+                *args,
+            ],
+            # Reads need no wait; a hydration is waited for by the call it serves.
+            wait=None if script in ("balance", "hydrate") else self._wait,
+        )
+
+    def _run(self, call: ScriptCall, keys: AccountKeys) -> Generator[Step, Any, list[Any]]:
+        """Runs a call; an account missing from Redis is loaded, inserted, and the call retried."""
+        while True:
+            reply: list[Any] = yield call
+            if reply[0] != MISSING:
+                return reply
+            snapshot: AccountSnapshot = yield LoadAccount(keys.account)
+            yield self._hydrate(keys, snapshot)
+
+    def _hydrate(self, keys: AccountKeys, snapshot: AccountSnapshot) -> ScriptCall:
+        plan = v.check_plan_name(snapshot.plan)
+        record_keys: list[str] = []
+        records: list[int] = []
+        for key, sequence, left_ms in snapshot.applied_keys:
+            record_keys.append(keys.idempotency(v.check_idempotency_key(key)))
+            records += [v.check_amount(sequence, name="sequence"), max(int(left_ms), 1)]
+        return self._call(
+            "hydrate",
+            keys,
+            None,
+            "",
+            [
+                v.check_amount(snapshot.credits, name="credits"),
+                v.check_amount(snapshot.chat_messages, name="chat_messages"),
+                plan,
+                v.check_amount(snapshot.sequence, name="sequence"),
+                1 if snapshot.sequence == 0 else 0,
+                *records,
+            ],
+            extra_keys=record_keys,
+        )
+
+    def ttl_ms(self, ttl: int | timedelta | None) -> int:
+        if ttl is None:
+            return self._ttl_default_ms
+        return v.check_duration_ms(
+            ttl, name="ttl", minimum_ms=self._ttl_min_ms, maximum_ms=self._ttl_max_ms
+        )
+
+    def _raise_refusal(self, reply: list[Any], account: str, reservation_id: str = "") -> None:
+        status = reply[0]
+        if status == NO_CREDITS:
+            raise InsufficientCredits(account, int(reply[2]), int(reply[3]))
+        if status == NO_CHAT:
+            raise InsufficientChatMessages(account, int(reply[2]), int(reply[3]))
+        if status == APPLIED_BEFORE:
+            raise AlreadyApplied(account, int(reply[2]))
+        if status == IDEM_CONFLICT:
+            raise IdempotencyConflict(
+                f"idempotency key of account {account!r} was used for a different call"
+            )
+        if status == OVERFLOW:
+            raise BalanceOverflow(f"a balance of account {account!r} would pass {int(reply[2])}")
+        if status == RES_NOT_FOUND:
+            raise ReservationNotFound(
+                f"no reservation {reservation_id} for account {account!r} "
+                "(never made, or its record has expired)",
+                account=account,
+                reservation_id=reservation_id,
+            )
+        if status == RES_LAPSED:
+            raise ReservationLapsed(
+                f"reservation {reservation_id} of account {account!r} lapsed at "
+                f"{int(reply[2])} ms (server clock); pass allow_late=True to charge it anyway",
+                account=account,
+                reservation_id=reservation_id,
+            )
+        if status == RES_CLOSED:
+            raise ReservationClosed(
+                f"reservation {reservation_id} of account {account!r} is already "
+                f"{_OUTCOMES[int(reply[2])].replace('_', ' ')}",
+                account=account,
+                reservation_id=reservation_id,
+            )
+        if status == RATE_LIMITED:
+            raise RateLimited(account, _text(reply[2]), int(reply[3]))
+        if status == RES_EXISTS:
+            raise ReservationError(
+                f"reservation id {reservation_id} is already in use",
+                account=account,
+                reservation_id=reservation_id,
+            )
+        if status != OK:
+            raise RedCreditError(f"unexpected reply from Redis: {reply!r}")
+
+    def _price(self, feature: str | None, cost: int | None, units: int | None) -> tuple[int, str]:
+        if feature is None and cost is None:
+            raise InvalidInput("give a feature name or an explicit cost")
+        if feature is not None and cost is not None:
+            raise InvalidInput("give either a feature name or an explicit cost, not both")
+        if feature is not None:
+            feature = v.check_feature_name(feature)
+            return self.costs.price(feature, units), feature
+        if units is not None:
+            raise InvalidInput("units only apply to a feature priced per unit")
+        return v.check_amount(cost, name="cost"), ""
+
+    # -- operations ------------------------------------------------------------
+
+    def spend(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[SpendResult]:
+        """Spends credits, priced from the cost table by feature or given as ``cost``."""
+        credits, feature_name = self._price(feature, cost, units)
+        return self._debit_op(account, "spend", credits, 0, feature_name, model, idempotency_key)
+
+    def spend_chat_message(
+        self,
+        account: str,
+        *,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[SpendResult]:
+        messages = v.check_amount(messages, name="messages", allow_zero=False)
+        return self._debit_op(account, "chat", 0, messages, "", model, idempotency_key)
+
+    def chat_turn(
+        self,
+        account: str,
+        feature: str | None = None,
+        *,
+        cost: int | None = None,
+        units: int | None = None,
+        messages: int = 1,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[SpendResult]:
+        """Spends chat messages and credits together: a refused turn spends neither."""
+        credits, feature_name = self._price(feature, cost, units)
+        messages = v.check_amount(messages, name="messages", allow_zero=False)
+        return self._debit_op(
+            account, "turn", credits, messages, feature_name, model, idempotency_key
+        )
+
+    def _debit_op(
+        self,
+        account: str,
+        op: str,
+        credits: int,
+        messages: int,
+        feature_name: str,
+        model: str | None,
+        idempotency_key: str | None,
+    ) -> Operation[SpendResult]:
+        account = v.check_account_id(account)
+        model_name = _model(model)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "debit",
+            keys,
+            idempotency_key,
+            # "|" is in no feature or model name (":" is): a:b + c differs from a + b:c.
+            f"{op}:{credits}:{messages}:{feature_name}|{model_name}",
+            [credits, messages, feature_name, op],
+            model=model_name,
+        )
+        return self._debit(call, keys)
+
+    def _debit(self, call: ScriptCall, keys: AccountKeys) -> Operation[SpendResult]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return SpendResult(
+            keys.account,
+            _unlimited_as_none(reply[2]),
+            _unlimited_as_none(reply[3]),
+            int(reply[4]),
+            bool(reply[1]),
+            _limit_states(reply, 5),
+        )
+
+    def grant(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[BalanceChange]:
+        """Adds credits and/or chat messages (a top-up, keyed by e.g. a payment id)."""
+        credits = v.check_amount(credits, name="credits")
+        chat_messages = v.check_amount(chat_messages, name="chat_messages")
+        return self._adjust_op(account, "grant", credits, chat_messages, reason, idempotency_key)
+
+    def correct(
+        self,
+        account: str,
+        credits: int = 0,
+        *,
+        chat_messages: int = 0,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[BalanceChange]:
+        """Adds or removes balances (signed deltas); never below the active holds or zero."""
+        credits = v.check_signed_amount(credits, name="credits")
+        chat_messages = v.check_signed_amount(chat_messages, name="chat_messages")
+        return self._adjust_op(account, "correct", credits, chat_messages, reason, idempotency_key)
+
+    def _adjust_op(
+        self,
+        account: str,
+        op: str,
+        credits: int,
+        chat_messages: int,
+        reason: str | None,
+        idempotency_key: str | None,
+    ) -> Operation[BalanceChange]:
+        account = v.check_account_id(account)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        if credits == 0 and chat_messages == 0:
+            raise InvalidInput(f"a {op} must change credits or chat messages")
+        reason_text = "" if reason is None else v.check_reason(reason)
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "adjust",
+            keys,
+            idempotency_key,
+            f"{op}:{credits}:{chat_messages}:{reason_text}",
+            [credits, chat_messages, op, reason_text],
+        )
+        return self._adjust(call, keys)
+
+    def _adjust(self, call: ScriptCall, keys: AccountKeys) -> Operation[BalanceChange]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return BalanceChange(
+            keys.account, int(reply[2]), int(reply[3]), int(reply[4]), bool(reply[1])
+        )
+
+    def set_plan(
+        self, account: str, plan: str, *, idempotency_key: str | None = None
+    ) -> Operation[PlanChange]:
+        account = v.check_account_id(account)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        plan = self.settings.require_plan(plan)
+        keys = self.keys.for_account(account)
+        call = self._call("set_plan", keys, idempotency_key, f"plan:{plan}", [plan])
+        return self._set_plan(call, keys, plan)
+
+    def _set_plan(self, call: ScriptCall, keys: AccountKeys, plan: str) -> Operation[PlanChange]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return PlanChange(keys.account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
+
+    def balance(self, account: str, *, model: str | None = None) -> Operation[Balance]:
+        account = v.check_account_id(account)
+        model_name = _model(model)
+        keys = self.keys.for_account(account)
+        return self._balance(self._call("balance", keys, None, "", [], model=model_name), keys)
+
+    def _balance(self, call: ScriptCall, keys: AccountKeys) -> Operation[Balance]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return Balance(
+            account=keys.account,
+            credits=int(reply[2]),
+            chat_messages=int(reply[3]),
+            held=int(reply[4]),
+            plan=_text(reply[5]),
+            sequence=int(reply[6]),
+            unlimited=bool(reply[7]),
+            server_time_ms=int(reply[8]),
+            limits=_limit_states(reply, 9),
+        )
+
+    def reserve(
+        self,
+        account: str,
+        amount: int,
+        *,
+        ttl: int | timedelta | None = None,
+        feature: str | None = None,
+        messages: int = 0,
+        model: str | None = None,
+        reservation_id: str,
+        idempotency_key: str | None = None,
+    ) -> Operation[Reservation]:
+        """Holds credits (and spends ``messages`` chat messages) until the lease ends."""
+        account = v.check_account_id(account)
+        amount = v.check_amount(amount, name="amount", allow_zero=False)
+        messages = v.check_amount(messages, name="messages")
+        model_name = _model(model)
+        ttl_ms = self.ttl_ms(ttl)
+        feature_name = "" if feature is None else v.check_feature_name(feature)
+        reservation_id = v.check_reservation_id(reservation_id)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        keys = self.keys.for_account(account)
+        # The reservation id is left out of the fingerprint: a retry with the
+        # same idempotency key makes a new id, and must get the first one back.
+        call = self._call(
+            "reserve",
+            keys,
+            idempotency_key,
+            f"reserve:{amount}:{ttl_ms}:{feature_name}:{messages}:{model_name}",
+            [amount, ttl_ms, reservation_id, self._retention_ms, feature_name, messages],
+            [keys.reservation(reservation_id)],
+            model=model_name,
+        )
+        return self._reserve(call, keys, reservation_id, amount)
+
+    def _reserve(
+        self, call: ScriptCall, keys: AccountKeys, reservation_id: str, amount: int
+    ) -> Operation[Reservation]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account, reservation_id)
+        return Reservation(
+            account=keys.account,
+            # A replay answers with the first call's id, not the one made for the retry.
+            id=_text(reply[4]),
+            amount=amount,
+            deadline_ms=int(reply[2]),
+            sequence=int(reply[3]),
+            replayed=bool(reply[1]),
+            limits=_limit_states(reply, 5),
+        )
+
+    def reset_limits(
+        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+    ) -> Operation[int]:
+        """Forgets the state of one rate limit (or all) of an account; journaled."""
+        account = v.check_account_id(account)
+        limit = "" if name is None else v.check_limit_name(name)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        keys = self.keys.for_account(account)
+        call = self._call("reset_limits", keys, idempotency_key, f"reset_limits:{limit}", [limit])
+        return self._reset_limits(call, keys)
+
+    def _reset_limits(self, call: ScriptCall, keys: AccountKeys) -> Operation[int]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account)
+        return int(reply[2])
+
+    def close_reservation(
+        self,
+        reservation: ReservationLike,
+        *,
+        release: bool,
+        actual: int = 0,
+        allow_late: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Operation[Settlement]:
+        """Settles (charging ``actual``) or releases a reservation."""
+        account, reservation_id = _reservation_parts(reservation)
+        actual = 0 if release else v.check_amount(actual, name="actual")
+        if type(allow_late) is not bool:
+            raise InvalidInput(f"allow_late must be a bool, not {type(allow_late).__name__}")
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        mode = "release" if release else "settle"
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "settle",
+            keys,
+            idempotency_key,
+            f"{mode}:{reservation_id}:{actual}:{int(allow_late)}",
+            [mode, actual, reservation_id, int(allow_late), self._retention_ms],
+            [keys.reservation(reservation_id)],
+        )
+        return self._close(call, keys, reservation_id)
+
+    def _close(
+        self, call: ScriptCall, keys: AccountKeys, reservation_id: str
+    ) -> Operation[Settlement]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account, reservation_id)
+        return Settlement(
+            account=keys.account,
+            reservation_id=reservation_id,
+            outcome=_OUTCOMES[int(reply[2])],
+            charged=int(reply[3]),
+            uncharged=int(reply[4]),
+            credits_remaining=_unlimited_as_none(reply[5]),
+            sequence=int(reply[6]),
+            replayed=bool(reply[1]),
+        )
+
+    def extend(
+        self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
+    ) -> Operation[Reservation]:
+        """Renews the lease to now + ttl (server clock)."""
+        account, reservation_id = _reservation_parts(reservation)
+        ttl_ms = self.ttl_ms(ttl)
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "extend",
+            keys,
+            None,
+            "",
+            [ttl_ms, reservation_id, self._retention_ms],
+            [keys.reservation(reservation_id)],
+        )
+        return self._extend(call, keys, reservation_id)
+
+    def _extend(
+        self, call: ScriptCall, keys: AccountKeys, reservation_id: str
+    ) -> Operation[Reservation]:
+        reply = yield from self._run(call, keys)
+        self._raise_refusal(reply, keys.account, reservation_id)
+        return Reservation(
+            account=keys.account,
+            id=reservation_id,
+            amount=int(reply[4]),
+            deadline_ms=int(reply[2]),
+            sequence=int(reply[3]),
+        )
+
+
+def _model(model: str | None) -> str:
+    return "" if model is None else v.check_model_name(model)
+
+
+_ABSENT: Final = object()
+
+
+def _reservation_parts(reservation: object) -> tuple[str, str]:
+    """The account and id of a Reservation, a ReservationRef, or anything shaped like them."""
+    account = getattr(reservation, "account", _ABSENT)
+    reservation_id = getattr(reservation, "id", _ABSENT)
+    if account is _ABSENT or reservation_id is _ABSENT:
+        raise InvalidInput(
+            "reservation must be a Reservation or ReservationRef, not "
+            f"{type(reservation).__name__} {v.short_repr(reservation)}"
+        )
+    return v.check_account_id(account), v.check_reservation_id(reservation_id)
+
+
+def _limit_states(reply: list[Any], start: int) -> tuple[LimitState, ...]:
+    return tuple(
+        LimitState(
+            name=_text(reply[i]),
+            limit=int(reply[i + 1]),
+            window_s=int(reply[i + 2]),
+            remaining=int(reply[i + 3]),
+            reset_s=int(reply[i + 4]),
+            shadow=bool(reply[i + 5]),
+            would_refuse=bool(reply[i + 6]),
+        )
+        for i in range(start, len(reply), 7)
+    )
+
+
+def check_durable(call: ScriptCall, reply: Any, acknowledged: Any) -> None:
+    """Raises NotDurable when WAITAOF / WAIT did not confirm a change in time.
+
+    A refusal, or an account still to be loaded, changed nothing: no need to wait.
+    """
+    if call.wait is None or reply[0] != OK:
+        return
+    confirmed = int(acknowledged[0]) if call.wait[0] == "WAITAOF" else int(acknowledged)
+    if confirmed < 1:
+        where = "the AOF" if call.wait[0] == "WAITAOF" else "a replica"
+        raise NotDurable(
+            f"the change was applied but not confirmed on {where} in time; "
+            "retry with the same idempotency key to learn its outcome"
+        )
+
+
+def _ms(duration: timedelta) -> int:
+    return int(duration / timedelta(milliseconds=1))

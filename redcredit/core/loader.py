@@ -1,0 +1,70 @@
+"""Where an account comes from when Redis does not have it.
+
+A loader answers with an :class:`AccountSnapshot`; the engine inserts it into
+Redis only if the account is still absent (so racing loaders cannot overwrite
+each other) and then retries the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = [
+    "AccountLoader",
+    "AccountSnapshot",
+    "AsyncAccountLoader",
+    "AsyncDefaultsLoader",
+    "DefaultsLoader",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    credits: int
+    chat_messages: int
+    plan: str
+    # Last sequence number the system of record has applied for this account.
+    # At 0 (a new account, or a legacy row with no history) the opening
+    # balances are journaled, so the ledger always sums to the balance.
+    sequence: int = 0
+    is_new: bool = False
+    # Idempotency keys of calls the system of record holds, still within the
+    # window: (key, sequence number of the call's entry, ms left in the window).
+    # Reloaded with the account, so a call repeated after Redis lost the
+    # account is not applied twice.
+    applied_keys: tuple[tuple[str, int, int], ...] = ()
+
+
+class AccountLoader(Protocol):
+    def load(self, account: str) -> AccountSnapshot: ...
+
+
+class AsyncAccountLoader(Protocol):
+    async def load(self, account: str) -> AccountSnapshot: ...
+
+
+class DefaultsLoader:
+    """Every unknown account is new and opens with the configured free balances."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._snapshot = AccountSnapshot(
+            credits=settings.free_credits,
+            chat_messages=settings.free_chat_messages,
+            plan=settings.default_plan,
+            is_new=True,
+        )
+
+    def load(self, account: str) -> AccountSnapshot:
+        return self._snapshot
+
+
+class AsyncDefaultsLoader:
+    def __init__(self, settings: Settings) -> None:
+        self._defaults = DefaultsLoader(settings)
+
+    async def load(self, account: str) -> AccountSnapshot:
+        return self._defaults.load(account)

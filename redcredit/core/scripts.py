@@ -1,0 +1,101 @@
+"""The Lua scripts, loaded once from the ``lua/`` folder with their SHA1.
+
+Each script is sent as ``_prelude.lua`` followed by its own file, because
+Redis cannot include one script from another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+__all__ = [
+    "SCRIPT_NAMES",
+    "STANDALONE_NAMES",
+    "LuaScript",
+    "load_scripts",
+    "lua_dir",
+    "run_each",
+]
+
+SCRIPT_NAMES = (
+    "adjust",
+    "balance",
+    "debit",
+    "extend",
+    "hydrate",
+    "reserve",
+    "reset_limits",
+    "set_plan",
+    "settle",
+)
+# Scripts of the syncer and maintenance: they share none of the prelude.
+STANDALONE_NAMES = ("ack", "evict", "sync_lease", "sync_members")
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    name: str
+    source: bytes
+    sha: str
+
+
+def lua_dir() -> Traversable:
+    # Installed wheels carry the scripts inside the package; a source checkout
+    # (and an editable install) keeps them in the top-level lua/ folder.
+    packaged = resources.files("redcredit").joinpath("lua")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "lua"
+
+
+@cache
+def load_scripts() -> dict[str, LuaScript]:
+    folder = lua_dir()
+    prelude = folder.joinpath("_prelude.lua").read_bytes()
+    scripts = {}
+    for name in SCRIPT_NAMES:
+        source = prelude + folder.joinpath(f"{name}.lua").read_bytes()
+        scripts[name] = LuaScript(name, source, hashlib.sha1(source).hexdigest())  # noqa: S324
+    for name in STANDALONE_NAMES:
+        source = folder.joinpath(f"{name}.lua").read_bytes()
+        scripts[name] = LuaScript(name, source, hashlib.sha1(source).hexdigest())  # noqa: S324
+    return scripts
+
+
+ScriptArgs = Sequence[str | int]
+
+
+def run_each(
+    client: redis.Redis, script: LuaScript, calls: Sequence[tuple[Sequence[str], ScriptArgs]]
+) -> list[Any]:
+    """Runs ``script`` once per ``(keys, args)``, all in one round trip; returns the replies.
+
+    Redis forgets its scripts when it restarts or is told to (SCRIPT FLUSH):
+    then the script is loaded and the calls sent again, which is safe because
+    a call that found no script did nothing. Any other error is raised.
+    """
+
+    def send() -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
+
+    replies = send()
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+        client.script_load(script.source)
+        replies = send()
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies

@@ -1,0 +1,77 @@
+"""Bounded memory: drop idle accounts that PostgreSQL holds in full.
+
+An account is evicted only when it has no holds (active or lapsed), every one
+of its journal entries is in PostgreSQL, and Redis has not touched it for the
+idle time; the check and the delete are one script (``lua/evict.lua``). The
+next call loads the account back from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+from ..config import Settings
+from ..core.keys import KeySpace
+from ..core.scripts import load_scripts, run_each
+from .reconcile import scan_accounts
+
+__all__ = ["EvictionReport", "evict_idle"]
+
+_REASONS = {0: "gone", 1: "evicted", 2: "holds", 3: "unsynced", 4: "recent"}
+
+
+@dataclass(slots=True)
+class EvictionReport:
+    scanned: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def evicted(self) -> int:
+        return self.outcomes["evicted"]
+
+
+def evict_idle(
+    settings: Settings,
+    redis_client: redis.Redis,
+    conn: psycopg.Connection[Any],
+    *,
+    idle: timedelta,
+    batch: int = 500,
+) -> EvictionReport:
+    keys = KeySpace(settings.versioned_prefix, settings.partitions)
+    script = load_scripts()["evict"]
+    idle_ms = int(idle.total_seconds() * 1000)
+    query = sql.SQL("SELECT account, last_seq FROM {}.accounts WHERE account = ANY(%s)").format(
+        sql.Identifier(settings.pg_schema)
+    )
+    report = EvictionReport()
+    pending: list[str] = []
+
+    def flush() -> None:
+        synced = {row[0]: row[1] for row in conn.execute(query, [pending])}
+
+        calls = []
+        for account in pending:
+            account_keys = keys.for_account(account)
+            # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
+            last_seq = synced.get(account, -1)
+            calls.append(([account_keys.hash, account_keys.holds], [idle_ms, last_seq]))
+        results = run_each(redis_client, script, calls)
+        report.outcomes.update(_REASONS[int(r)] for r in results)
+        report.scanned += len(pending)
+        pending.clear()
+
+    for account in scan_accounts(redis_client, keys):
+        pending.append(account)
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return report
