@@ -21,6 +21,7 @@ that runs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -135,11 +136,11 @@ def block_env(
 
 
 @pytest.mark.parametrize("block", _of("python"))
-async def test_python_block_runs(block: Block, block_env: dict[str, str], tmp_path: Path) -> None:
+def test_python_block_runs(block: Block, block_env: dict[str, str], tmp_path: Path) -> None:
     script = tmp_path / "block.py"
     script.write_text(block.code, encoding="utf-8")
     if block.serves_http:
-        await _drive(runpy.run_path(str(script), run_name="docs_block"))
+        asyncio.run(_drive(runpy.run_path(str(script), run_name="docs_block")))
         return
     assert "print(" in block.code or "assert " in block.code, "a block shows what it did"
     done = subprocess.run(
@@ -208,9 +209,7 @@ def _commands(code: str) -> Iterator[list[str]]:
 
 
 def _help(*argv: str) -> str:
-    done = subprocess.run(
-        list(argv) + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(argv)} --help: {done.stderr}"
     return done.stdout
 
