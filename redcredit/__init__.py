@@ -5,8 +5,7 @@ the same script, for the system of record to pick up.
 """
 
 from .clients.async_client import AsyncRedCredit
-from .clients.lease import Lease
-from .clients.reservation import AsyncReservationBlock, ReservationBlock
+from .clients.reservation import AsyncReservationBlock, Lease, ReservationBlock
 from .clients.sync_client import RedCredit
 from .config import PlanSettings, Settings
 from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
