@@ -8,7 +8,7 @@ from .clients.async_client import AsyncRedCredit
 from .clients.lease import Lease
 from .clients.reservation import AsyncReservationBlock, ReservationBlock
 from .clients.sync_client import RedCredit
-from .config import PlanSettings, Settings
+from .config import LimitSettings, PlanSettings, RefillSettings, Settings
 from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
 from .costs import CostRule, CostTable
 from .errors import (
@@ -17,6 +17,7 @@ from .errors import (
     BackendUnavailable,
     BalanceOverflow,
     ConfigError,
+    EmbeddedServerError,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -34,6 +35,7 @@ from .errors import (
 )
 from .http.asgi import CreditGate
 from .http.routes import Route
+from .ledger.syncer import Syncer
 from .results import (
     Balance,
     BalanceChange,
@@ -42,6 +44,7 @@ from .results import (
     Reservation,
     ReservationRef,
     Settlement,
+    SettlementOutcome,
     SpendResult,
 )
 
@@ -61,12 +64,14 @@ __all__ = [
     "CostRule",
     "CostTable",
     "CreditGate",
+    "EmbeddedServerError",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
     "Lease",
+    "LimitSettings",
     "LimitState",
     "NotDurable",
     "PlanChange",
@@ -74,6 +79,7 @@ __all__ = [
     "RateLimited",
     "RedCredit",
     "RedCreditError",
+    "RefillSettings",
     "Reservation",
     "ReservationBlock",
     "ReservationClosed",
@@ -84,7 +90,9 @@ __all__ = [
     "Route",
     "Settings",
     "Settlement",
+    "SettlementOutcome",
     "SpendResult",
+    "Syncer",
     "UnknownFeature",
     "UnknownPlan",
 ]
