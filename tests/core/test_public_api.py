@@ -40,3 +40,11 @@ def test_results_and_settings_are_exported() -> None:
     assert set(results.__all__) <= set(redcredit.__all__)
     for name in ("LimitSettings", "PlanSettings", "RefillSettings", "Settings", "Syncer"):
         assert name in redcredit.__all__
+
+
+def test_plan_models_keep_their_documented_location() -> None:
+    from redcredit import config, plans
+
+    for name in ("LimitSettings", "PlanSettings", "RefillSettings", "BUILTIN_PLANS"):
+        assert getattr(config, name) is getattr(plans, name)
+    assert set(plans.__all__) <= set(config.__all__)
