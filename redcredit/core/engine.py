@@ -1,4 +1,4 @@
-"""The I/O-free core: validates arguments, builds script calls, parses replies.
+"""The I/O-free core: validates arguments, builds script calls, runs them to a result.
 
 Each operation is a generator that yields the I/O it needs (a script call, or
 an account to load) and receives the answer; the sync and async clients only
@@ -6,7 +6,7 @@ drive these generators. The rules are therefore written once, here and in the
 Lua scripts, and the clients cannot drift apart.
 
 Every argument is validated when the operation is created, before the client
-touches Redis.
+touches Redis. Replies are read by the pure parsers of :mod:`.replies`.
 """
 
 from __future__ import annotations
