@@ -7,7 +7,7 @@ the same script, for the system of record to pick up.
 from .clients.async_client import AsyncRedCredit
 from .clients.reservation import AsyncReservationBlock, Lease, ReservationBlock
 from .clients.sync_client import RedCredit
-from .config import PlanSettings, Settings
+from .config import LimitSettings, PlanSettings, RefillSettings, Settings
 from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
 from .costs import CostRule, CostTable
 from .errors import (
@@ -16,6 +16,7 @@ from .errors import (
     BackendUnavailable,
     BalanceOverflow,
     ConfigError,
+    EmbeddedServerError,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .http.asgi import CreditGate
 from .http.routes import Route
+from .ledger.syncer import Syncer
 from .results import (
     Balance,
     BalanceChange,
@@ -41,6 +43,7 @@ from .results import (
     Reservation,
     ReservationRef,
     Settlement,
+    SettlementOutcome,
     SpendResult,
 )
 
@@ -60,12 +63,14 @@ __all__ = [
     "CostRule",
     "CostTable",
     "CreditGate",
+    "EmbeddedServerError",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
     "Lease",
+    "LimitSettings",
     "LimitState",
     "NotDurable",
     "PlanChange",
@@ -73,6 +78,7 @@ __all__ = [
     "RateLimited",
     "RedCredit",
     "RedCreditError",
+    "RefillSettings",
     "Reservation",
     "ReservationBlock",
     "ReservationClosed",
@@ -83,7 +89,9 @@ __all__ = [
     "Route",
     "Settings",
     "Settlement",
+    "SettlementOutcome",
     "SpendResult",
+    "Syncer",
     "UnknownFeature",
     "UnknownPlan",
 ]
