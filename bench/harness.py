@@ -26,6 +26,7 @@ BIG = 2**52
 
 Op = Callable[[], Awaitable[int]]  # one call (or batch); returns how many calls it made
 MakeOp = Callable[[int], Awaitable[Op]]  # worker index -> its op
+Call = Callable[[], Awaitable[object]]  # what a worker repeats on a client
 Setup = Callable[[], Awaitable[tuple[MakeOp, Callable[[], Awaitable[None]]]]]
 RunOnce = Callable[[], tuple[int, float, list[float], float]]
 T = TypeVar("T")
@@ -264,9 +265,7 @@ def over_sockets(
     return setup
 
 
-def with_client(
-    settings: Settings, make: Callable[[AsyncRedCredit, int], Callable[[], Awaitable[object]]]
-) -> Setup:
+def with_client(settings: Settings, make: Callable[[AsyncRedCredit, int], Call]) -> Setup:
     """A load on one ``AsyncRedCredit`` shared by the workers; ``make(rc, i)`` gives worker
     ``i`` the call it repeats."""
 

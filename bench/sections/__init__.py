@@ -13,7 +13,7 @@ from . import ceiling, clients, http, limits, memory, reservations, write_behind
 class Section:
     name: str
     run: Callable[[Config, Servers, Results], None]
-    redis_port: bool = False  # talks to Redis over its own sockets, not only through the URL
+    redis_port: bool = False  # connects by host and port, not through redcredit's URL
     postgres: bool = False  # PostgreSQL starts only when a selected section needs it
 
     def servers(self, redis_url: str, redis_port: int, postgres_url: str | None) -> Servers:

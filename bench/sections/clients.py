@@ -7,7 +7,6 @@ import functools
 import multiprocessing
 import random
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redcredit import AsyncRedCredit, RedCredit, Settings
@@ -15,6 +14,7 @@ from redcredit import AsyncRedCredit, RedCredit, Settings
 from ..harness import (
     CONCURRENCY,
     SPREAD_ACCOUNTS,
+    Call,
     Config,
     Results,
     Servers,
@@ -31,7 +31,7 @@ from ..harness import (
 def spend_setup(settings: Settings, accounts: list[str]) -> Setup:
     """Each worker spends on the one account, or on accounts of its own seeded choice."""
 
-    def make(rc: AsyncRedCredit, i: int) -> Callable[[], Awaitable[object]]:
+    def make(rc: AsyncRedCredit, i: int) -> Call:
         if len(accounts) == 1:
             return functools.partial(rc.spend, accounts[0], cost=1)
         choice = random.Random(i).choice

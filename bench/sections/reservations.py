@@ -4,13 +4,13 @@ limits."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from redcredit import AsyncRedCredit
 from redcredit.config import LimitSettings, PlanSettings
 
 from ..harness import (
+    Call,
     Config,
     Results,
     Servers,
@@ -28,7 +28,7 @@ def run_reserve(cfg: Config, servers: Servers, res: Results) -> None:
     accounts = [f"r{i}" for i in range(64)]
     warm(settings, accounts)
 
-    def make(rc: AsyncRedCredit, i: int) -> Callable[[], Awaitable[object]]:
+    def make(rc: AsyncRedCredit, i: int) -> Call:
         async def cycle() -> None:
             held = await rc.reserve(accounts[i], 10, ttl=60)
             await rc.settle(held, 5)
@@ -61,7 +61,7 @@ def run_chat(cfg: Config, servers: Servers, res: Results) -> None:
     accounts = [f"c{i}" for i in range(64)]
     warm(settings, accounts)
 
-    def make(rc: AsyncRedCredit, i: int) -> Callable[[], Awaitable[object]]:
+    def make(rc: AsyncRedCredit, i: int) -> Call:
         return functools.partial(rc.chat_turn, accounts[i], cost=1)
 
     res.points.append(
