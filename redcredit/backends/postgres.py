@@ -352,10 +352,10 @@ def applied_migrations(conn: psycopg.Connection[Any], schema: str) -> set[int]:
 
 
 def apply_migration(
-    conn: psycopg.Connection[Any], schema: str, version: int, name: str, text: str
+    conn: psycopg.Connection[Any], schema: str, version: int, name: str, migration_text: str
 ) -> None:
     """Runs a migration file's text, ``{schema}`` replaced by the quoted schema, and records it."""
-    conn.execute(sql.SQL(text).format(schema=sql.Identifier(schema)))
+    conn.execute(sql.SQL(migration_text).format(schema=sql.Identifier(schema)))
     conn.execute(
         sql.SQL("INSERT INTO {}.migrations (version, name) VALUES (%s, %s)").format(
             sql.Identifier(schema)

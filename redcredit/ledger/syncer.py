@@ -244,7 +244,8 @@ class Syncer:
         Returns the entries that wait for an earlier entry of their account
         (see :func:`~redcredit.backends.postgres.apply_entries`): neither applied nor
         acknowledged. Raises :class:`BatchGone` (committing nothing) when
-        Redis no longer holds the batch: it lost its data since it was read.
+        Redis no longer holds the batch: it lost its data since it was read,
+        and :class:`~redcredit.errors.BackendUnavailable` when PostgreSQL fails.
         """
         by_stream: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
