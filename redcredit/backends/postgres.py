@@ -1,10 +1,8 @@
 """Every SQL statement redcredit runs, and the one translation of psycopg's failures.
 
-Applying is idempotent: a ledger row is keyed by (account, seq) and inserted
-once; an account row only moves forward to a newer sequence number. So a batch
-applied twice, or batches applied out of order, give the same result.
-
-The schema itself is made by the plain-SQL files in ``migrations/``, which
+Each statement sits in a small function taking a psycopg connection (and the
+schema); callers own the connection and its transaction. The schema itself
+is made by the plain-SQL files in ``migrations/``, which
 :mod:`redcredit.backends.migrate` runs through the functions here.
 """
 
@@ -54,11 +52,12 @@ LedgerSums = tuple[int, int, int, int, int]  # credits, chat messages, entries, 
 
 @contextmanager
 def postgres_errors_translated(action: str, outcome: str = "") -> Iterator[None]:
-    """Turns any psycopg failure into :class:`BackendUnavailable`: "cannot ``action`` (...)".
+    """psycopg's failures as :class:`BackendUnavailable`: "cannot ``action`` (...)``outcome``".
 
-    Whatever PostgreSQL said (unreachable, timed out, or a refused statement
-    such as a schema never migrated), the ledger cannot be used right now;
-    ``outcome`` tells the caller what that meant for the call.
+    A refused statement too (a schema never migrated), not only an unreachable
+    server: either way the system of record cannot serve the call, and the
+    HTTP gate must apply its outage policy rather than fail the request. The
+    message keeps psycopg's class name, and the error is the cause.
     """
     try:
         yield
@@ -99,6 +98,10 @@ _FENCE_FOR_LOAD = "SELECT pg_advisory_xact_lock(%s, %s)"
 
 
 # -- ledger writes (the syncer) ------------------------------------------------------------------
+
+# Applying is idempotent: a ledger row is keyed by (account, seq) and inserted
+# once; an account row only moves forward to a newer sequence number. So a batch
+# applied twice, or batches applied out of order, give the same result.
 
 
 def apply_entries(
