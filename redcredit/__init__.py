@@ -4,6 +4,8 @@ The hot path runs as atomic Lua scripts in Redis; every change is journaled in
 the same script, for the system of record to pick up.
 """
 
+from importlib.metadata import version as _version
+
 from .clients.async_client import AsyncRedCredit
 from .clients.lease import Lease
 from .clients.reservation import AsyncReservationBlock, ReservationBlock
@@ -44,6 +46,8 @@ from .results import (
     Settlement,
     SpendResult,
 )
+
+__version__: str = _version("redcredit")  # pyproject.toml's, as installed
 
 __all__ = [
     "AccountIdError",
@@ -87,4 +91,5 @@ __all__ = [
     "SpendResult",
     "UnknownFeature",
     "UnknownPlan",
+    "__version__",
 ]
