@@ -127,18 +127,20 @@ def _postgres(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+def _check_postgres(settings: Settings) -> None:
+    with _postgres(settings):
+        pass
+
+
 @contextmanager
 def _redis(settings: Settings) -> Iterator[redis.Redis]:
     url = require_url(settings)
-    client = sync_client(settings, url)
-    try:
+    with sync_client(settings, url) as client:
         try:
             client.ping()
         except RedisError as exc:
             raise BackendUnavailable(f"cannot reach Redis at {masked_url(url)}: {exc}") from exc
         yield client
-    finally:
-        client.close()
 
 
 @contextmanager
@@ -165,7 +167,6 @@ def _demo(args: argparse.Namespace) -> int:
             f"redcredit demo needs {missing}, which the demo extra installs: "
             "pip install 'redcredit[demo]'"
         ) from exc
-
     return run_demo(serve=not args.no_serve, port=args.port, serve_seconds=args.serve_seconds)
 
 
@@ -189,8 +190,7 @@ def _sync(args: argparse.Namespace) -> int:
             return _sync_status(settings, client, as_json=args.json)
         # Checked first: the syncer would retry a PostgreSQL that is down
         # forever, and `--once` would report an empty journal as a success.
-        with _postgres(settings):
-            pass
+        _check_postgres(settings)
         # The syncer's pool connects with the same deadline.
         reachable = settings.model_copy(update={"database_url": _database_url(settings)})
         with Syncer(reachable, redis_client=client) as syncer:
@@ -220,8 +220,7 @@ def _sync_status(settings: Settings, client: redis.Redis, *, as_json: bool) -> i
         age = "-" if lag.oldest_age_ms is None else f"{lag.oldest_age_ms / 1000:.1f} s"
         print(f"waiting: {lag.entries}  in flight: {lag.pending}  oldest: {age}", flush=True)
     # Then whether the lag can fall at all.
-    with _postgres(settings):
-        pass
+    _check_postgres(settings)
     return Exit.OK
 
 
