@@ -122,7 +122,7 @@ def _postgres(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
         conn = psycopg.connect(_database_url(settings), autocommit=True)
     except psycopg.OperationalError as exc:
         where = masked_url(require_database_url(settings))
-        raise BackendUnavailable(f"cannot reach PostgreSQL at {where}: {exc}") from exc
+        raise BackendUnavailable(f"PostgreSQL is unreachable at {where}: {exc}") from exc
     with conn:
         yield conn
 
@@ -139,13 +139,13 @@ def _redis(settings: Settings) -> Iterator[redis.Redis]:
         try:
             client.ping()
         except RedisError as exc:
-            raise BackendUnavailable(f"cannot reach Redis at {masked_url(url)}: {exc}") from exc
+            raise BackendUnavailable(f"Redis is unreachable at {masked_url(url)}: {exc}") from exc
         yield client
 
 
 @contextmanager
 def _both(settings: Settings) -> Iterator[tuple[redis.Redis, psycopg.Connection[Any]]]:
-    with _redis(settings) as client, _postgres(settings) as conn:
+    with _postgres(settings) as conn, _redis(settings) as client:
         yield client, conn
 
 

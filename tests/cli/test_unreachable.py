@@ -48,7 +48,7 @@ def _assert_one_line_error(done, started: float, server: str) -> None:
     assert elapsed < WITHIN_S, elapsed
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"redcredit: cannot reach {server} at "), lines[0]
+    assert lines[0].startswith(f"redcredit: {server} is unreachable at "), lines[0]
     assert PASSWORD not in done.stderr + done.stdout
 
 
