@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from enum import IntEnum
+from importlib.metadata import version
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -31,7 +32,6 @@ import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from redis.exceptions import RedisError
 
-from . import __version__
 from .backends.postgres_loader import require_database_url
 from .backends.redis import require_url, sync_client, translated
 from .config import Settings
@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # From the installed metadata, as redcredit.__version__ (the package sits
+    # above the command, which may not import it).
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('redcredit')}")
     _config_option(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
