@@ -4,6 +4,8 @@ The hot path runs as atomic Lua scripts in Redis; every change is journaled in
 the same script, for the system of record to pick up.
 """
 
+from importlib.metadata import version as _version
+
 from .clients.async_client import AsyncRedCredit
 from .clients.reservation import AsyncReservationBlock, Lease, ReservationBlock
 from .clients.sync_client import RedCredit
@@ -46,6 +48,8 @@ from .results import (
     SettlementOutcome,
     SpendResult,
 )
+
+__version__: str = _version("redcredit")  # pyproject.toml's, as installed
 
 __all__ = [
     "AccountIdError",
@@ -94,4 +98,5 @@ __all__ = [
     "Syncer",
     "UnknownFeature",
     "UnknownPlan",
+    "__version__",
 ]

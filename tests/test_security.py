@@ -1170,7 +1170,7 @@ def test_cli_errors_never_show_the_passwords(
         monkeypatch.setenv("REDCREDIT_DATABASE_URL", pg_at)
         code = cli_main(command)
         out, err = capsys.readouterr()
-        assert code == 2, (command, out, err)
+        assert code == 3, (command, out, err)  # a server unreachable
         assert err.startswith("redcredit: ") and reason in err, (command, err)
         _assert_hidden(out + err, "cli-redis-pw", pg_secret)
     _assert_hidden(_log_text(caplog), "cli-redis-pw", pg_secret)
