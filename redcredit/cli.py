@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import signal
 import sys
 import textwrap
@@ -29,10 +28,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 import redis
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from redis.exceptions import RedisError
 
-from .backends.postgres_loader import require_database_url
+from .backends.postgres_loader import database_conninfo, require_database_url
 from .backends.redis import require_url, sync_client, translated
 from .config import Settings
 from .costs import read_toml
@@ -102,24 +100,10 @@ def _check_config_file(path: str) -> None:
         )
 
 
-def _database_url(settings: Settings) -> str:
-    """The PostgreSQL URL, with ``database_timeout`` as libpq's connect_timeout.
-
-    Without one psycopg waits 130 s for a server that accepts no connection.
-    A connect_timeout the URL gives itself is kept.
-    """
-    url = require_database_url(settings)
-    if "connect_timeout" in conninfo_to_dict(url):
-        return url
-    # libpq counts whole seconds, and takes less than 2 as 2.
-    seconds = max(1, math.ceil(settings.database_timeout.total_seconds()))
-    return make_conninfo(url, connect_timeout=seconds)
-
-
 @contextmanager
 def _postgres(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     try:
-        conn = psycopg.connect(_database_url(settings), autocommit=True)
+        conn = psycopg.connect(database_conninfo(settings), autocommit=True)
     except psycopg.OperationalError as exc:
         where = masked_url(require_database_url(settings))
         raise BackendUnavailable(f"PostgreSQL is unreachable at {where}: {exc}") from exc
@@ -191,9 +175,7 @@ def _sync(args: argparse.Namespace) -> int:
         # Checked first: the syncer would retry a PostgreSQL that is down
         # forever, and `--once` would report an empty journal as a success.
         _check_postgres(settings)
-        # The syncer's pool connects with the same deadline.
-        reachable = settings.model_copy(update={"database_url": _database_url(settings)})
-        with Syncer(reachable, redis_client=client) as syncer:
+        with Syncer(settings, redis_client=client) as syncer:
             if not args.once:
                 return _sync_forever(syncer)
             lag = syncer.drain(timeout_s=args.timeout)
@@ -208,7 +190,7 @@ def _sync_status(settings: Settings, client: redis.Redis, *, as_json: bool) -> i
 
     # The lag is read from Redis alone, and is worth printing while PostgreSQL
     # is down (it grows): a pool never opened keeps PostgreSQL out of it.
-    pool: ConnectionPool[Any] = ConnectionPool(_database_url(settings), open=False)
+    pool: ConnectionPool[Any] = ConnectionPool(database_conninfo(settings), open=False)
     try:
         with Syncer(settings, redis_client=client, pool=pool) as syncer:
             lag = syncer.lag()

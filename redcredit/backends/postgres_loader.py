@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ..config import Settings
@@ -14,13 +16,27 @@ from ..core.loader import AccountSnapshot, DefaultsLoader
 from ..errors import ConfigError
 from .postgres import postgres_errors_translated, read_snapshot, read_snapshot_async
 
-__all__ = ["AsyncPostgresLoader", "PostgresLoader", "require_database_url"]
+__all__ = ["AsyncPostgresLoader", "PostgresLoader", "database_conninfo", "require_database_url"]
 
 
 def require_database_url(settings: Settings) -> str:
     if settings.database_url is None:
         raise ConfigError("no PostgreSQL to talk to: set REDCREDIT_DATABASE_URL")
     return settings.database_url
+
+
+def database_conninfo(settings: Settings) -> str:
+    """The PostgreSQL URL, with ``database_timeout`` as libpq's connect_timeout.
+
+    Without one, libpq waits about 130 s for a server that takes the
+    connection and never answers. A connect_timeout the URL gives itself is kept.
+    """
+    url = require_database_url(settings)
+    if "connect_timeout" in conninfo_to_dict(url):
+        return url
+    # libpq counts whole seconds (and takes 1 as 2).
+    seconds = max(1, math.ceil(settings.database_timeout.total_seconds()))
+    return make_conninfo(url, connect_timeout=seconds)
 
 
 _translated = partial(
@@ -69,7 +85,7 @@ class PostgresLoader:
         self._sql = _Reads(settings)
         self._owns_pool = pool is None
         self.pool = pool or ConnectionPool(
-            require_database_url(settings), open=True, **self._sql.pool_options
+            database_conninfo(settings), open=True, **self._sql.pool_options
         )
 
     def load(self, account: str) -> AccountSnapshot:
@@ -85,7 +101,7 @@ class AsyncPostgresLoader:
     def __init__(self, settings: Settings, pool: AsyncConnectionPool[Any] | None = None) -> None:
         self._sql = _Reads(settings)
         self._owns_pool = pool is None
-        self._url = require_database_url(settings) if pool is None else ""
+        self._url = database_conninfo(settings) if pool is None else ""
         self.pool = pool
 
     async def _pool(self) -> AsyncConnectionPool[Any]:

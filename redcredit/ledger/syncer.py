@@ -32,7 +32,7 @@ from psycopg_pool import ConnectionPool
 from redis.exceptions import ResponseError
 
 from ..backends.postgres import apply_entries, fence_for_apply, postgres_errors_translated
-from ..backends.postgres_loader import require_database_url
+from ..backends.postgres_loader import database_conninfo
 from ..backends.redis import redis_errors_translated, require_url, sync_client
 from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
@@ -97,7 +97,7 @@ class Syncer:
         self.redis = redis_client or sync_client(settings, require_url(settings))
         self._owns_pool = pool is None
         self.pool = pool or ConnectionPool(
-            require_database_url(settings),
+            database_conninfo(settings),
             min_size=1,
             max_size=2,
             # While PostgreSQL is down a tick gives up soon, and backs off.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import psycopg
@@ -68,3 +71,37 @@ def test_migrate_raises_backend_unavailable(postgres_url: str, pg_schema: str) -
     with pytest.raises(BackendUnavailable, match=f"cannot migrate schema '{pg_schema}'") as failed:
         migrate(conn, pg_schema)
     assert isinstance(failed.value.__cause__, psycopg.OperationalError)
+
+
+@pytest.fixture
+def silent_postgres(settings: Settings) -> Iterator[Settings]:
+    """A PostgreSQL URL at a port that takes connections and never answers: a hung server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)  # the kernel completes handshakes into the backlog; nobody accepts
+        url = f"postgresql://redcredit@127.0.0.1:{sock.getsockname()[1]}/redcredit"
+        yield settings.model_copy(
+            update={"database_url": url, "database_timeout": timedelta(seconds=1)}
+        )
+
+
+def test_a_hung_postgres_fails_the_loader_within_database_timeout(
+    silent_postgres: Settings,
+) -> None:
+    # Without connect_timeout libpq would wait about 130 s; 1 s is taken as 2 s.
+    started = time.monotonic()
+    with RedCredit(settings=silent_postgres) as rc, pytest.raises(BackendUnavailable):
+        rc.spend("opens-from-postgres", cost=1)
+    assert time.monotonic() - started < 15
+
+
+def test_a_hung_postgres_fails_a_syncer_commit_within_database_timeout(
+    silent_postgres: Settings, redis_client: redis.Redis
+) -> None:
+    started = time.monotonic()
+    with (
+        Syncer(silent_postgres, redis_client=redis_client) as syncer,
+        pytest.raises(BackendUnavailable),
+    ):
+        syncer.commit([])
+    assert time.monotonic() - started < 15
