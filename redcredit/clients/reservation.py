@@ -182,7 +182,26 @@ class _AsyncHolder(_Extends, Protocol):
     async def release(self, reservation: Reservation) -> Settlement: ...
 
 
-class ReservationBlock:
+class _Block:
+    """What both blocks check and keep before the reservation is made."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        account: str,
+        amount: int,
+        ttl: int | timedelta | None,
+        feature: str | None,
+        allow_late: bool,
+    ) -> None:
+        self._args = (account, amount, ttl, feature)
+        self._ttl_ms = engine.ttl_ms(ttl)
+        _check_allow_late(allow_late)
+        self._allow_late = allow_late
+        self.lease: Lease | None = None
+
+
+class ReservationBlock(_Block):
     """Reserve on entry; renew in a background thread; settle on exit, release on error.
 
     If the whole process dies, nothing settles or releases: the hold lapses at
@@ -198,14 +217,10 @@ class ReservationBlock:
         feature: str | None,
         allow_late: bool,
     ) -> None:
+        super().__init__(client.engine, account, amount, ttl, feature, allow_late)
         self._client = client
-        self._args = (account, amount, ttl, feature)
-        self._ttl_ms = client.engine.ttl_ms(ttl)
-        _check_allow_late(allow_late)
-        self._allow_late = allow_late
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
-        self.lease: Lease | None = None
 
     def __enter__(self) -> Lease:
         account, amount, ttl, feature = self._args
@@ -250,7 +265,7 @@ class ReservationBlock:
             log.warning("releasing reservation %s failed: %s", lease.reservation.id, release_error)
 
 
-class AsyncReservationBlock:
+class AsyncReservationBlock(_Block):
     """Reserve on entry; renew in a background task; settle on exit, release on error.
 
     If the whole process dies, nothing settles or releases: the hold lapses at
@@ -266,13 +281,9 @@ class AsyncReservationBlock:
         feature: str | None,
         allow_late: bool,
     ) -> None:
+        super().__init__(client.engine, account, amount, ttl, feature, allow_late)
         self._client = client
-        self._args = (account, amount, ttl, feature)
-        self._ttl_ms = client.engine.ttl_ms(ttl)
-        _check_allow_late(allow_late)
-        self._allow_late = allow_late
         self._renewer: asyncio.Task[None] | None = None
-        self.lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
         account, amount, ttl, feature = self._args

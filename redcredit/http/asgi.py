@@ -21,7 +21,7 @@ from ..clients.reservation import Lease, renew_until_cancelled, stop_renewing
 from ..errors import BackendUnavailable, ConfigError, InvalidInput, RedCreditError
 from ..results import Reservation
 from .breaker import CircuitBreaker
-from .gatekeeper import Gatekeeper, GateStats, UnidentifiedPolicy
+from .gatekeeper import Gatekeeper, KeptGate, UnidentifiedPolicy
 from .problems import Problem, Problems
 from .routes import ASGIApp, Message, Receive, Route, Scope, Send, match_route, resolve_cost
 
@@ -118,7 +118,7 @@ class _StreamWatch:
             self.complete = True
 
 
-class CreditGate:
+class CreditGate(KeptGate):
     """Pure ASGI middleware charging the requests of ``routes`` to the account ``identify`` names.
 
     ``identify(scope)`` returns the paying account (or an awaitable of it),
@@ -183,14 +183,6 @@ class CreditGate:
                 f"route {route.describe()} is priced by feature {route.feature!r}, "
                 "which the cost table does not define"
             )
-
-    @property
-    def stats(self) -> GateStats:
-        return self.keeper.stats
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.keeper.breaker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -29,7 +29,7 @@ from ..clients.async_client import AsyncRedCredit
 from ..errors import ConfigError
 from ..results import SpendResult
 from .breaker import CircuitBreaker
-from .gatekeeper import Gatekeeper, GateStats, UnidentifiedPolicy
+from .gatekeeper import Gatekeeper, KeptGate, UnidentifiedPolicy
 from .problems import Problem, Problems
 from .routes import CostSpec, Route, Scope, UnavailablePolicy, resolve_cost
 
@@ -66,7 +66,7 @@ def add_problem_handler(app: FastAPI) -> None:
     app.add_exception_handler(ProblemException, _problem_response)
 
 
-class CreditDependency:
+class CreditDependency(KeptGate):
     """A FastAPI dependency: a chat turn (``messages`` > 0) or a spend before the endpoint.
 
     Refusals raise :class:`ProblemException` (402, 429, or 503 / 401 per the
@@ -129,14 +129,6 @@ class CreditDependency:
                 ),
             ]
         )
-
-    @property
-    def stats(self) -> GateStats:
-        return self.keeper.stats
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.keeper.breaker
 
     async def __call__(
         self, request: Request, response: Response, account: str | None

@@ -37,7 +37,7 @@ from .routes import Route
 if TYPE_CHECKING:
     from ..clients.async_client import AsyncRedCredit
 
-__all__ = ["GateStats", "Gatekeeper", "UnidentifiedPolicy", "Verdict"]
+__all__ = ["GateStats", "Gatekeeper", "KeptGate", "UnidentifiedPolicy", "Verdict"]
 
 T = TypeVar("T")
 
@@ -315,3 +315,17 @@ class Gatekeeper:
 def _what(route: Route, account: str) -> str:
     """How log lines name one request."""
     return f"{route.describe()} for {account!r}"
+
+
+class KeptGate:
+    """What the middleware and the FastAPI dependency show of their Gatekeeper."""
+
+    keeper: Gatekeeper
+
+    @property
+    def stats(self) -> GateStats:
+        return self.keeper.stats
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.keeper.breaker
