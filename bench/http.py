@@ -26,7 +26,8 @@ import psycopg
 from redcredit import Settings
 from redcredit.backends.migrate import migrate
 from redcredit.servers.postgres import EmbeddedPostgres
-from redcredit.servers.redis import EmbeddedRedis, free_port
+from redcredit.servers.redis import EmbeddedRedis
+from redcredit.servers.spawn import free_port
 
 SERVE = """
 import sys, uvicorn

@@ -25,7 +25,8 @@ from ..errors import RedCreditError
 from ..ledger.syncer import Syncer
 from ..results import Balance
 from ..servers.postgres import EmbeddedPostgres
-from ..servers.redis import EmbeddedRedis, free_port
+from ..servers.redis import EmbeddedRedis
+from ..servers.spawn import free_port
 from .app import build_app, demo_settings
 
 __all__ = ["run_demo"]
