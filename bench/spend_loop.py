@@ -12,12 +12,15 @@ import argparse
 import asyncio
 import contextlib
 import os
-import time
+import sys
 import uuid
 from collections.abc import Iterator
 
 from redcredit import AsyncRedCredit, Settings
 from redcredit.servers.redis import EmbeddedRedis
+
+from .harness import drive_setup, percentile_ms
+from .sections.clients import spend_setup
 
 
 @contextlib.contextmanager
@@ -34,19 +37,10 @@ async def measure(url: str, concurrency: int, seconds: float) -> tuple[float, fl
     settings = Settings(redis_url=url, key_prefix="b" + uuid.uuid4().hex[:8], free_credits=2**52)
     async with AsyncRedCredit(settings=settings) as rc:
         await rc.spend("bench", cost=1)  # create the account, load the scripts
-        stop = time.perf_counter() + seconds
-        latencies: list[float] = []
-
-        async def worker() -> None:
-            while (start := time.perf_counter()) < stop:
-                await rc.spend("bench", cost=1)
-                latencies.append(time.perf_counter() - start)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
+    load = spend_setup(settings, ["bench"])
+    done, elapsed, latencies, _ = await drive_setup(load, concurrency, seconds, sys.maxsize)
     latencies.sort()
-    return len(latencies) / elapsed, latencies[int(len(latencies) * 0.99)] * 1000
+    return done / elapsed, percentile_ms(latencies, 0.99)
 
 
 def main() -> None:

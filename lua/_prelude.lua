@@ -18,14 +18,16 @@
 --   ARGV[5] idempotency window, ms
 --   ARGV[6] bypassing plans   '|paid|demo|': plans whose spends are unlimited
 --   ARGV[7] plan rules        rate limits and refills of every plan that has
---                             any, one line per plan (format in engine.py,
---                             Rules); '' for none
+--                             any, one line per plan (format in
+--                             redcredit/core/plan_rules.py, Rules); '' for none
 --   ARGV[8] model             for per-model rate limits; '' for none
 --
 -- Every reply is an array {status, replayed, ...}; status 0 is success.
 -- Numbers never pass through tostring() (it keeps only 14 digits); amounts stay
 -- below 2^53 so Lua doubles hold them exactly.
 
+-- Reply statuses: the same numbers as Status in redcredit/core/replies.py,
+-- which a test compares with these lines.
 local OK, MISSING, NO_CREDITS, NO_CHAT = 0, 1, 2, 3
 local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
 local RES_EXISTS, RES_CLOSED, RATE_LIMITED, APPLIED_BEFORE = 8, 9, 10, 11

@@ -4,11 +4,12 @@ The hot path runs as atomic Lua scripts in Redis; every change is journaled in
 the same script, for the system of record to pick up.
 """
 
+from importlib.metadata import version as _version
+
 from .clients.async_client import AsyncRedCredit
-from .clients.lease import Lease
-from .clients.reservation import AsyncReservationBlock, ReservationBlock
+from .clients.reservation import AsyncReservationBlock, Lease, ReservationBlock
 from .clients.sync_client import RedCredit
-from .config import PlanSettings, Settings
+from .config import LimitSettings, PlanSettings, RefillSettings, Settings
 from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
 from .costs import CostRule, CostTable
 from .errors import (
@@ -17,6 +18,7 @@ from .errors import (
     BackendUnavailable,
     BalanceOverflow,
     ConfigError,
+    EmbeddedServerError,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -34,6 +36,7 @@ from .errors import (
 )
 from .http.asgi import CreditGate
 from .http.routes import Route
+from .ledger.syncer import Syncer
 from .results import (
     Balance,
     BalanceChange,
@@ -42,8 +45,11 @@ from .results import (
     Reservation,
     ReservationRef,
     Settlement,
+    SettlementOutcome,
     SpendResult,
 )
+
+__version__: str = _version("redcredit")  # pyproject.toml's, as installed
 
 __all__ = [
     "AccountIdError",
@@ -61,12 +67,14 @@ __all__ = [
     "CostRule",
     "CostTable",
     "CreditGate",
+    "EmbeddedServerError",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
     "Lease",
+    "LimitSettings",
     "LimitState",
     "NotDurable",
     "PlanChange",
@@ -74,6 +82,7 @@ __all__ = [
     "RateLimited",
     "RedCredit",
     "RedCreditError",
+    "RefillSettings",
     "Reservation",
     "ReservationBlock",
     "ReservationClosed",
@@ -84,7 +93,10 @@ __all__ = [
     "Route",
     "Settings",
     "Settlement",
+    "SettlementOutcome",
     "SpendResult",
+    "Syncer",
     "UnknownFeature",
     "UnknownPlan",
+    "__version__",
 ]

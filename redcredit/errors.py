@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccountIdError",
+    "AlreadyApplied",
     "BackendUnavailable",
     "BalanceOverflow",
     "ConfigError",
@@ -33,8 +34,14 @@ class RedCreditError(Exception):
     """Root of every error raised by redcredit."""
 
 
+# -- Refused before any I/O: fix the arguments or the configuration. -----------
+
+
 class InvalidInput(RedCreditError, ValueError):
-    """An argument was refused before any I/O; nothing was changed."""
+    """An argument was refused before any I/O; nothing was changed.
+
+    :class:`BalanceOverflow` is the one member refused later, by Redis.
+    """
 
 
 class AccountIdError(InvalidInput):
@@ -55,6 +62,9 @@ class UnknownPlan(InvalidInput):
 
 class ConfigError(RedCreditError, ValueError):
     """The configuration (settings, cost table, TOML file) is invalid."""
+
+
+# -- Refused by Redis, nothing changed: pay (a top-up, another plan). ----------
 
 
 class InsufficientFunds(RedCreditError):
@@ -90,6 +100,9 @@ class InsufficientChatMessages(InsufficientFunds):
         )
 
 
+# -- Refused by Redis, nothing changed: wait, then call again. -----------------
+
+
 class RateLimited(RedCreditError):
     """A rate limit refused the call: wait ``retry_after_ms``, nothing was changed.
 
@@ -110,8 +123,11 @@ class RateLimited(RedCreditError):
         return self.retry_after_ms / 1000
 
 
-class BalanceOverflow(InvalidInput):
-    """A grant would push a balance past the largest exact integer (2**53)."""
+# -- Refused by Redis, nothing changed: look at the idempotency key or reservation.
+
+
+class IdempotencyConflict(RedCreditError):
+    """An idempotency key was reused for a different operation or different arguments."""
 
 
 class AlreadyApplied(RedCreditError):
@@ -131,10 +147,6 @@ class AlreadyApplied(RedCreditError):
             f"a call with this idempotency key was applied to account {account!r} before "
             f"(journal entry {sequence}); its first reply is no longer kept"
         )
-
-
-class IdempotencyConflict(RedCreditError):
-    """An idempotency key was reused for a different operation or different arguments."""
 
 
 class ReservationError(RedCreditError):
@@ -158,8 +170,19 @@ class ReservationLapsed(ReservationError):
     """The reservation's lease ran out before it was settled or extended."""
 
 
-class EmbeddedServerError(RedCreditError):
-    """A server for the demo or the tests could not be found or started."""
+# -- Refused by Redis, nothing changed: a balance would lose exactness. --------
+
+
+class BalanceOverflow(InvalidInput):
+    """A grant or correction would push a balance past 2**53; nothing was changed.
+
+    Refused by Redis, the only place that knows the balance, so unlike the
+    rest of :class:`InvalidInput` it costs a round trip. It stays one because
+    the amount is what to fix.
+    """
+
+
+# -- Backends: a server could not be reached, started, or made durable. --------
 
 
 class BackendUnavailable(RedCreditError):
@@ -168,3 +191,7 @@ class BackendUnavailable(RedCreditError):
 
 class NotDurable(BackendUnavailable):
     """A change was applied in Redis but not confirmed durable (AOF or replica) in time."""
+
+
+class EmbeddedServerError(RedCreditError):
+    """A server for the demo or the tests could not be found or started."""

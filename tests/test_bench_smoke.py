@@ -1,4 +1,5 @@
-"""`python -m bench --quick` runs end to end on a few fast sections and writes its JSON."""
+"""`python -m bench --quick` runs end to end on a few fast sections and writes its JSON; every
+registered section can be chosen, and a name that is not one is refused before anything starts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench.__main__ import parse
+from bench.sections import NAMES, SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +43,34 @@ def test_quick_bench_runs_and_writes_results(tmp_path: Path) -> None:
     assert ratios["async spend 64 / database-only hot"]["status"] == "n/a"
     assert (out / "results.md").is_file()
     assert (out / "throughput.png").is_file() and (out / "p99.png").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registered_section_is_selectable_and_documented(name: str) -> None:
+    plan = parse(["--quick", "--only", name])
+    assert [s.name for s in plan.sections] == [name]
+    assert f"``{name}``" in (ROOT / "bench" / "__main__.py").read_text()
+
+
+def test_all_sections_run_in_registry_order_by_default() -> None:
+    assert parse([]).sections == list(SECTIONS)
+    assert [s.name for s in parse(["--only", "http,ceiling"]).sections] == ["ceiling", "http"]
+
+
+def test_unknown_section_is_a_clear_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling,nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "unknown sections ['nope']; choose from " + ", ".join(NAMES) in done.stderr
+
+
+def test_a_section_gets_only_the_servers_it_declares() -> None:
+    memory = next(s for s in SECTIONS if s.name == "memory")
+    servers = memory.servers("redis://127.0.0.1:1", 1, "postgresql://127.0.0.1:2/x")
+    assert servers.redis_url == "redis://127.0.0.1:1"
+    with pytest.raises(LookupError, match="'memory' does not declare that it needs PostgreSQL"):
+        _ = servers.postgres_url
+    with pytest.raises(LookupError, match="the Redis port"):
+        _ = servers.redis_port

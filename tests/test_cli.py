@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-
-def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "redcredit.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+from tests.cli.running import clean_env, run_cli
 
 
 @pytest.mark.parametrize("embedded", [True, False], ids=["embedded-servers", "given-urls"])
 def test_demo_plays_the_whole_scenario(
     embedded: bool, redis_url: str, postgres_url: str, pg_schema: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REDCREDIT_")}
+    env = clean_env()
     if not embedded:
         env["REDCREDIT_REDIS_URL"] = redis_url
         env["REDCREDIT_DATABASE_URL"] = postgres_url
         env["REDCREDIT_PG_SCHEMA"] = pg_schema
-    done = _run("demo", "--no-serve", env=env)
+    done = run_cli("demo", "--no-serve", env=env)
     assert done.returncode == 0, done.stderr
     assert "WARNING" not in done.stderr
     out = done.stdout
@@ -54,6 +43,6 @@ def test_demo_plays_the_whole_scenario(
 
 def test_bad_settings_are_a_clear_error() -> None:
     env = {**os.environ, "REDCREDIT_PARTITIONS": "three"}
-    done = _run("demo", "--no-serve", env=env)
+    done = run_cli("demo", "--no-serve", env=env)
     assert done.returncode == 2
     assert "partitions" in done.stderr and "Traceback" not in done.stderr

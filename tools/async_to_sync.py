@@ -30,7 +30,7 @@ RULES: list[tuple[str, str]] = [
     # The sync client makes one call per round trip: no coalescing.
     ("from ..backends.coalesce import Coalescer\n", ""),
     (
-        "        # Concurrent calls share round trips (see coalesce.py); a cluster\n"
+        "        # Concurrent calls share round trips (see backends/coalesce.py); a cluster\n"
         "        # client routes each call to its own node instead.\n"
         "        self._coalescer = (\n"
         "            Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)\n"

@@ -1,1 +1,1 @@
-"""backends"""
+"""The clients of the servers: Redis connections and error translation, PostgreSQL's SQL."""

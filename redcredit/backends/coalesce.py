@@ -25,6 +25,14 @@ from .resp import encode_eval, encode_evalsha
 __all__ = ["Coalescer"]
 
 
+def _translated_reply(error: ResponseError) -> Exception:
+    # Chained as a raise ... from would: callers tell a Redis that refuses
+    # (OOM, READONLY) from other errors by the cause.
+    reply = translated(error)
+    reply.__cause__ = error
+    return reply
+
+
 class Coalescer:
     def __init__(
         self, client: redis.asyncio.Redis, *, max_batch: int = 128, max_in_flight: int = 4
@@ -130,7 +138,7 @@ class Coalescer:
                 replies.append(None)
                 retry.append(index)
             except ResponseError as exc:
-                replies.append(translated(exc))
+                replies.append(_translated_reply(exc))
         if retry:
             # After a restart or SCRIPT FLUSH: EVAL runs the script and caches it again.
             await connection.send_packed_command(
@@ -143,5 +151,5 @@ class Coalescer:
                 try:
                     replies[index] = await connection.read_response()
                 except ResponseError as exc:
-                    replies[index] = translated(exc)
+                    replies[index] = _translated_reply(exc)
         return replies

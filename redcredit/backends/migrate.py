@@ -11,7 +11,14 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-from psycopg import sql
+
+from .postgres import (
+    applied_migrations,
+    apply_migration,
+    lock_migrations,
+    postgres_errors_translated,
+    prepare_migrations,
+)
 
 __all__ = ["Migration", "migrate", "migrations"]
 
@@ -37,29 +44,13 @@ def migrations() -> list[Migration]:
 def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:
     """Brings ``schema`` up to date; returns the versions applied by this call."""
     applied_now = []
-    schema_id = sql.Identifier(schema)
-    with conn.transaction():
-        # Serialises concurrent runs: the second waits, then finds nothing to do.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('redcredit.migrate.' || %s))", [schema])
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema_id))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            ).format(schema_id)
-        )
-        cursor = conn.execute(sql.SQL("SELECT version FROM {}.migrations").format(schema_id))
-        done = {row[0] for row in cursor}
+    with postgres_errors_translated(f"migrate schema {schema!r}"), conn.transaction():
+        lock_migrations(conn, schema)
+        prepare_migrations(conn, schema)
+        done = applied_migrations(conn, schema)
         for migration in migrations():
             if migration.version in done:
                 continue
-            conn.execute(sql.SQL(migration.text).format(schema=schema_id))
-            conn.execute(
-                sql.SQL("INSERT INTO {}.migrations (version, name) VALUES (%s, %s)").format(
-                    schema_id
-                ),
-                [migration.version, migration.name],
-            )
+            apply_migration(conn, schema, migration.version, migration.name, migration.text)
             applied_now.append(migration.version)
     return applied_now

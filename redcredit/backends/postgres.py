@@ -1,14 +1,17 @@
-"""PostgreSQL side: applying journal batches, and reading accounts back.
+"""Every SQL statement redcredit runs, and the one translation of psycopg's failures.
 
-Applying is idempotent: a ledger row is keyed by (account, seq) and inserted
-once; an account row only moves forward to a newer sequence number. So a batch
-applied twice, or batches applied out of order, give the same result.
+Each statement sits in a small function taking a psycopg connection (and the
+schema); callers own the connection and its transaction. The schema itself
+is made by the plain-SQL files in ``migrations/``, which
+:mod:`redcredit.backends.migrate` runs through the functions here.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -16,27 +19,63 @@ from psycopg import sql
 
 from ..core.journal import LEDGER_COLUMNS, JournalEntry
 from ..core.loader import AccountSnapshot
+from ..errors import BackendUnavailable
 
 __all__ = [
     "RESTORED_KEYS_MAX",
-    "applied_keys_query",
+    "AccountState",
+    "LedgerSums",
+    "account_ids",
+    "account_states",
+    "applied_migrations",
     "apply_entries",
+    "apply_migration",
+    "create_database",
     "fence_for_apply",
-    "fence_for_load",
-    "fence_key",
-    "load_account_query",
+    "ledger_of",
+    "ledger_size",
+    "ledger_sums",
+    "lock_migrations",
+    "ping",
+    "postgres_errors_translated",
+    "prepare_migrations",
+    "read_snapshot",
+    "read_snapshot_async",
+    "recent_ledger_async",
     "snapshot_from_row",
+    "synced_sequences",
 ]
 
+AccountState = tuple[int, int, str, int]  # credits, chat messages, plan, sequence
+LedgerSums = tuple[int, int, int, int, int]  # credits, chat messages, entries, first, last seq
 
-# The fence between syncers and loaders, per partition, as transaction-scoped
-# advisory locks. A syncer holds it shared from before it writes a batch until
-# its commit, and confirms in between that Redis still has the batch's entries;
-# a loader takes it exclusively before reading an account. So when Redis lost
-# its data and an account is loaded again, a syncer still holding entries of
-# the lost data has either committed them before the read (and the account
-# resumes after them) or finds them gone and rolls back; it never lands them
-# after the read, on sequence numbers the reloaded account reuses.
+
+@contextmanager
+def postgres_errors_translated(action: str, outcome: str = "") -> Iterator[None]:
+    """psycopg's failures as :class:`BackendUnavailable`: "cannot ``action`` (...)``outcome``".
+
+    A refused statement too (a schema never migrated), not only an unreachable
+    server: either way the system of record cannot serve the call, and the
+    HTTP gate must apply its outage policy rather than fail the request. The
+    message keeps psycopg's class name, and the error is the cause.
+    """
+    try:
+        yield
+    except psycopg.Error as exc:
+        # psycopg's messages name the server, never the password.
+        raise BackendUnavailable(f"cannot {action} ({type(exc).__name__}: {exc}){outcome}") from exc
+
+
+# -- the fence between syncers and loaders -------------------------------------------------------
+
+# Per partition, as transaction-scoped advisory locks. A syncer holds it shared
+# from before it writes a batch until its commit, and confirms in between that
+# Redis still has the batch's entries; a loader takes it exclusively before
+# reading an account. So when Redis lost its data and an account is loaded
+# again, a syncer still holding entries of the lost data has either committed
+# them before the read (and the account resumes after them) or finds them gone
+# and rolls back; it never lands them after the read, on sequence numbers the
+# reloaded account reuses.
 
 
 def _fence_class(schema: str) -> int:
@@ -52,18 +91,17 @@ def fence_for_apply(conn: psycopg.Connection[Any], schema: str, partitions: Sequ
     )
 
 
-def fence_for_load() -> str:
-    """The statement a loader runs, in its transaction, before reading an account.
-
-    Its parameters are :func:`fence_key`. It must be a statement of its own: the
-    read that follows then takes its snapshot after the lock, and sees what a
-    syncer committed meanwhile.
-    """
-    return "SELECT pg_advisory_xact_lock(%s, %s)"
+# A statement of its own, run in the loader's transaction before the read: the
+# read then takes its snapshot after the lock, and sees what a syncer committed
+# meanwhile.
+_FENCE_FOR_LOAD = "SELECT pg_advisory_xact_lock(%s, %s)"
 
 
-def fence_key(schema: str, partition: int) -> list[int]:
-    return [_fence_class(schema), partition]
+# -- ledger writes (the syncer) ------------------------------------------------------------------
+
+# Applying is idempotent: a ledger row is keyed by (account, seq) and inserted
+# once; an account row only moves forward to a newer sequence number. So a batch
+# applied twice, or batches applied out of order, give the same result.
 
 
 def apply_entries(
@@ -131,21 +169,25 @@ def apply_entries(
     return {(account, seq) for account, seq in waiting}
 
 
-def load_account_query(schema: str) -> sql.Composed:
-    return sql.SQL(
-        "SELECT credits, chat_messages, plan, last_seq FROM {}.accounts WHERE account = %s"
-    ).format(sql.Identifier(schema))
-
+# -- reading an account back (the loaders) -------------------------------------------------------
 
 # The most recent keys reloaded with an account; older ones are forgotten early.
 RESTORED_KEYS_MAX = 1_000
 
 
-def applied_keys_query(schema: str) -> sql.Composed:
+@lru_cache(maxsize=16)
+def _account_query(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "SELECT credits, chat_messages, plan, last_seq FROM {}.accounts WHERE account = %s"
+    ).format(sql.Identifier(schema))
+
+
+@lru_cache(maxsize=16)
+def _applied_keys_query(schema: str) -> sql.Composed:
     """Idempotency keys of an account's calls still within the window, newest first.
 
-    Parameters: window (ms), account, window (ms), limit. Entries a call wrote
-    on its way (lapses, refills, the opening) carry its key but are not its effect.
+    Parameters: :func:`_applied_keys_params`. Entries a call wrote on its way
+    (lapses, refills, the opening) carry its key but are not its effect.
     """
     return sql.SQL(
         "SELECT idempotency_key, max(seq), "
@@ -155,6 +197,48 @@ def applied_keys_query(schema: str) -> sql.Composed:
         "AND server_time > now() - %s * interval '1 millisecond' "
         "GROUP BY idempotency_key ORDER BY 2 DESC LIMIT %s"
     ).format(sql.Identifier(schema))
+
+
+def _applied_keys_params(account: str, window_ms: int) -> list[Any]:
+    return [window_ms, account, window_ms, RESTORED_KEYS_MAX]
+
+
+def read_snapshot(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    account: str,
+    *,
+    partition: int,
+    window_ms: int,
+    defaults: AccountSnapshot,
+) -> AccountSnapshot:
+    """An account as PostgreSQL has it, read in the caller's transaction behind the fence."""
+    conn.execute(_FENCE_FOR_LOAD, [_fence_class(schema), partition])
+    row = conn.execute(_account_query(schema), [account]).fetchone()
+    applied = []
+    if row is not None:
+        params = _applied_keys_params(account, window_ms)
+        applied = conn.execute(_applied_keys_query(schema), params).fetchall()
+    return snapshot_from_row(row, defaults, applied)
+
+
+async def read_snapshot_async(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    account: str,
+    *,
+    partition: int,
+    window_ms: int,
+    defaults: AccountSnapshot,
+) -> AccountSnapshot:
+    """:func:`read_snapshot` on an async connection."""
+    await conn.execute(_FENCE_FOR_LOAD, [_fence_class(schema), partition])
+    row = await (await conn.execute(_account_query(schema), [account])).fetchone()
+    applied = []
+    if row is not None:
+        params = _applied_keys_params(account, window_ms)
+        applied = await (await conn.execute(_applied_keys_query(schema), params)).fetchall()
+    return snapshot_from_row(row, defaults, applied)
 
 
 def snapshot_from_row(
@@ -174,3 +258,124 @@ def snapshot_from_row(
         sequence=last_seq,
         applied_keys=tuple((key, seq, left) for key, seq, left in applied if left > 0),
     )
+
+
+# -- reads for reconcile and evict ---------------------------------------------------------------
+
+
+def account_ids(conn: psycopg.Connection[Any], schema: str) -> set[str]:
+    query = sql.SQL("SELECT account FROM {}.accounts").format(sql.Identifier(schema))
+    return {row[0] for row in conn.execute(query)}
+
+
+def account_states(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, AccountState]:
+    query = sql.SQL(
+        "SELECT account, COALESCE(credits, 0), COALESCE(chat_messages, 0), plan, last_seq "
+        "FROM {}.accounts WHERE account = ANY(%s)"
+    ).format(sql.Identifier(schema))
+    rows = conn.execute(query, [list(accounts)])
+    return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
+
+def ledger_sums(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, LedgerSums]:
+    query = sql.SQL(
+        "SELECT account, SUM(credit_delta), SUM(chat_delta), COUNT(*), MIN(seq), MAX(seq) "
+        "FROM {}.ledger WHERE account = ANY(%s) GROUP BY account"
+    ).format(sql.Identifier(schema))
+    rows = conn.execute(query, [list(accounts)])
+    return {row[0]: (int(row[1]), int(row[2]), row[3], row[4], row[5]) for row in rows}
+
+
+def synced_sequences(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, int]:
+    """The last sequence number PostgreSQL holds, of those accounts it knows."""
+    query = sql.SQL("SELECT account, last_seq FROM {}.accounts WHERE account = ANY(%s)").format(
+        sql.Identifier(schema)
+    )
+    return {row[0]: row[1] for row in conn.execute(query, [list(accounts)])}
+
+
+# -- reads for the demo --------------------------------------------------------------------------
+
+
+def ledger_of(conn: psycopg.Connection[Any], schema: str, account: str) -> list[tuple[Any, ...]]:
+    """An account's ledger, oldest first: seq, op, both deltas, both balances after, feature."""
+    query = sql.SQL(
+        "SELECT seq, op, credit_delta, chat_delta, credits_after, chat_after, feature "
+        "FROM {}.ledger WHERE account = %s ORDER BY seq"
+    ).format(sql.Identifier(schema))
+    return conn.execute(query, [account]).fetchall()
+
+
+def ledger_size(conn: psycopg.Connection[Any], schema: str) -> int:
+    query = sql.SQL("SELECT COUNT(*) FROM {}.ledger").format(sql.Identifier(schema))
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def recent_ledger_async(
+    conn: psycopg.AsyncConnection[Any], schema: str, account: str, limit: int
+) -> list[tuple[Any, ...]]:
+    """An account's newest ledger rows, as :func:`ledger_of` plus the server time as text."""
+    query = sql.SQL(
+        "SELECT seq, op, credit_delta, chat_delta, credits_after, chat_after, feature, "
+        "server_time::text FROM {}.ledger WHERE account = %s ORDER BY seq DESC LIMIT %s"
+    ).format(sql.Identifier(schema))
+    return await (await conn.execute(query, [account, limit])).fetchall()
+
+
+# -- migrations ----------------------------------------------------------------------------------
+
+
+def lock_migrations(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Serialises concurrent runs, to the caller's commit: the second waits, then finds nothing."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('redcredit.migrate.' || %s))", [schema])
+
+
+def prepare_migrations(conn: psycopg.Connection[Any], schema: str) -> None:
+    """The schema, and its table of applied migrations."""
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(schema))
+    )
+
+
+def applied_migrations(conn: psycopg.Connection[Any], schema: str) -> set[int]:
+    query = sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema))
+    return {row[0] for row in conn.execute(query)}
+
+
+def apply_migration(
+    conn: psycopg.Connection[Any], schema: str, version: int, name: str, migration_text: str
+) -> None:
+    """Runs a migration file's text, ``{schema}`` replaced by the quoted schema, and records it."""
+    conn.execute(sql.SQL(migration_text).format(schema=sql.Identifier(schema)))
+    conn.execute(
+        sql.SQL("INSERT INTO {}.migrations (version, name) VALUES (%s, %s)").format(
+            sql.Identifier(schema)
+        ),
+        [version, name],
+    )
+
+
+# -- administration (the embedded server) --------------------------------------------------------
+
+
+def ping(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT 1")
+
+
+def create_database(conn: psycopg.Connection[Any], name: str) -> None:
+    """Creates the database ``name`` unless it exists; ``conn`` must be in autocommit."""
+    found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    if found is None:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER postgres").format(sql.Identifier(name)))

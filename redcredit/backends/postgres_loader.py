@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -12,15 +11,8 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from ..config import Settings
 from ..core.keys import KeySpace
 from ..core.loader import AccountSnapshot, DefaultsLoader
-from ..errors import BackendUnavailable, ConfigError
-from .postgres import (
-    RESTORED_KEYS_MAX,
-    applied_keys_query,
-    fence_for_load,
-    fence_key,
-    load_account_query,
-    snapshot_from_row,
-)
+from ..errors import ConfigError
+from .postgres import postgres_errors_translated, read_snapshot, read_snapshot_async
 
 __all__ = ["AsyncPostgresLoader", "PostgresLoader", "require_database_url"]
 
@@ -31,27 +23,20 @@ def require_database_url(settings: Settings) -> str:
     return settings.database_url
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except psycopg.Error as exc:
-        # psycopg's messages name the server, never the password.
-        raise BackendUnavailable(
-            f"cannot load the account from PostgreSQL ({type(exc).__name__}: {exc}); "
-            "the call changed nothing and can be retried"
-        ) from exc
+_translated = partial(
+    postgres_errors_translated,
+    "load the account from PostgreSQL",
+    "; the call changed nothing and can be retried",
+)
 
 
-class _Statements:
-    """What both loaders run to read an account, in one transaction."""
+class _Reads:
+    """What both loaders share: how an account is read (in their transaction), and the pool."""
 
     def __init__(self, settings: Settings) -> None:
         self.defaults = DefaultsLoader(settings).load("")
         self.schema = settings.pg_schema
         self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
-        self.account = load_account_query(settings.pg_schema)
-        self.applied = applied_keys_query(settings.pg_schema)
         self.window_ms = int(settings.idempotency_window.total_seconds() * 1000)
         self.pool_options: dict[str, Any] = {
             "min_size": 1,
@@ -59,25 +44,18 @@ class _Statements:
             "timeout": settings.database_timeout.total_seconds(),
         }
 
-    def _applied_params(self, account: str) -> list[Any]:
-        return [self.window_ms, account, self.window_ms, RESTORED_KEYS_MAX]
+    def _options(self, account: str) -> dict[str, Any]:
+        return {
+            "partition": self.keys.partition(account),
+            "window_ms": self.window_ms,
+            "defaults": self.defaults,
+        }
 
     def read(self, conn: psycopg.Connection[Any], account: str) -> AccountSnapshot:
-        conn.execute(fence_for_load(), fence_key(self.schema, self.keys.partition(account)))
-        row = conn.execute(self.account, [account]).fetchone()
-        applied = []
-        if row is not None:
-            applied = conn.execute(self.applied, self._applied_params(account)).fetchall()
-        return snapshot_from_row(row, self.defaults, applied)
+        return read_snapshot(conn, self.schema, account, **self._options(account))
 
     async def read_async(self, conn: psycopg.AsyncConnection[Any], account: str) -> AccountSnapshot:
-        await conn.execute(fence_for_load(), fence_key(self.schema, self.keys.partition(account)))
-        row = await (await conn.execute(self.account, [account])).fetchone()
-        applied = []
-        if row is not None:
-            cursor = await conn.execute(self.applied, self._applied_params(account))
-            applied = await cursor.fetchall()
-        return snapshot_from_row(row, self.defaults, applied)
+        return await read_snapshot_async(conn, self.schema, account, **self._options(account))
 
 
 class PostgresLoader:
@@ -88,7 +66,7 @@ class PostgresLoader:
     """
 
     def __init__(self, settings: Settings, pool: ConnectionPool[Any] | None = None) -> None:
-        self._sql = _Statements(settings)
+        self._sql = _Reads(settings)
         self._owns_pool = pool is None
         self.pool = pool or ConnectionPool(
             require_database_url(settings), open=True, **self._sql.pool_options
@@ -105,7 +83,7 @@ class PostgresLoader:
 
 class AsyncPostgresLoader:
     def __init__(self, settings: Settings, pool: AsyncConnectionPool[Any] | None = None) -> None:
-        self._sql = _Statements(settings)
+        self._sql = _Reads(settings)
         self._owns_pool = pool is None
         self._url = require_database_url(settings) if pool is None else ""
         self.pool = pool
@@ -118,8 +96,8 @@ class AsyncPostgresLoader:
         return self.pool
 
     async def load(self, account: str) -> AccountSnapshot:
-        pool = await self._pool()
         with _translated():
+            pool = await self._pool()
             async with pool.connection() as conn, conn.transaction():
                 return await self._sql.read_async(conn, account)
 

@@ -1,6 +1,6 @@
 """The asyncio client: a thin driver of the engine's operations.
 
-This file is the source of ``client.py``: ``python tools/async_to_sync.py``
+This file is the source of ``sync_client.py``: ``python tools/async_to_sync.py``
 writes the synchronous twin from it, and a test fails when they differ.
 """
 
@@ -75,7 +75,7 @@ class AsyncRedCredit:
             )
         if loader is not None and not callable(getattr(loader, "load", None)):
             raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
-        # Concurrent calls share round trips (see coalesce.py); a cluster
+        # Concurrent calls share round trips (see backends/coalesce.py); a cluster
         # client routes each call to its own node instead.
         self._coalescer = (
             Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)

@@ -1,4 +1,4 @@
-"""The I/O-free core: validates arguments, builds script calls, parses replies.
+"""The I/O-free core: validates arguments, builds script calls, runs them to a result.
 
 Each operation is a generator that yields the I/O it needs (a script call, or
 an account to load) and receives the answer; the sync and async clients only
@@ -6,69 +6,39 @@ drive these generators. The rules are therefore written once, here and in the
 Lua scripts, and the clients cannot drift apart.
 
 Every argument is validated when the operation is created, before the client
-touches Redis.
+touches Redis. Replies are read by the pure parsers of :mod:`.replies`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from .. import validation as v
 from ..config import Settings
-from ..errors import (
-    AlreadyApplied,
-    BalanceOverflow,
-    ConfigError,
-    IdempotencyConflict,
-    InsufficientChatMessages,
-    InsufficientCredits,
-    InvalidInput,
-    NotDurable,
-    RateLimited,
-    RedCreditError,
-    ReservationClosed,
-    ReservationError,
-    ReservationLapsed,
-    ReservationNotFound,
-)
+from ..errors import ConfigError, InvalidInput, NotDurable
 from ..results import (
     Balance,
     BalanceChange,
-    LimitState,
     PlanChange,
     Reservation,
     ReservationRef,
     Settlement,
-    SettlementOutcome,
     SpendResult,
 )
+from . import replies
 from .keys import AccountKeys, KeySpace
 from .loader import AccountSnapshot
 from .plan_rules import Rules
+from .replies import Reply, Status
 from .scripts import LuaScript, load_scripts
 
 __all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall", "check_durable"]
 
 T = TypeVar("T")
-
-# Reply status codes, as defined in lua/_prelude.lua.
-OK: Final = 0
-MISSING: Final = 1
-NO_CREDITS: Final = 2
-NO_CHAT: Final = 3
-RES_NOT_FOUND: Final = 4
-RES_LAPSED: Final = 5
-IDEM_CONFLICT: Final = 6
-OVERFLOW: Final = 7
-RES_EXISTS: Final = 8
-RES_CLOSED: Final = 9
-RATE_LIMITED: Final = 10
-APPLIED_BEFORE: Final = 11
-
-_OUTCOMES: Final[dict[int, SettlementOutcome]] = {1: "settled", 2: "released", 3: "settled_late"}
 
 ReservationLike = Reservation | ReservationRef
 
@@ -94,14 +64,6 @@ class LoadAccount:
 
 Step = ScriptCall | LoadAccount
 Operation = Generator[Step, Any, T]
-
-
-def _unlimited_as_none(value: int) -> int | None:
-    return None if value < 0 else value
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Engine:
@@ -163,11 +125,11 @@ class Engine:
             wait=None if script in ("balance", "hydrate") else self._wait,
         )
 
-    def _run(self, call: ScriptCall, keys: AccountKeys) -> Generator[Step, Any, list[Any]]:
+    def _run(self, call: ScriptCall, keys: AccountKeys) -> Generator[Step, Any, Reply]:
         """Runs a call; an account missing from Redis is loaded, inserted, and the call retried."""
         while True:
-            reply: list[Any] = yield call
-            if reply[0] != MISSING:
+            reply: Reply = yield call
+            if reply[0] != Status.MISSING:
                 return reply
             snapshot: AccountSnapshot = yield LoadAccount(keys.account)
             yield self._hydrate(keys, snapshot)
@@ -202,51 +164,19 @@ class Engine:
             ttl, name="ttl", minimum_ms=self._ttl_min_ms, maximum_ms=self._ttl_max_ms
         )
 
-    def _raise_refusal(self, reply: list[Any], account: str, reservation_id: str = "") -> None:
-        status = reply[0]
-        if status == NO_CREDITS:
-            raise InsufficientCredits(account, int(reply[2]), int(reply[3]))
-        if status == NO_CHAT:
-            raise InsufficientChatMessages(account, int(reply[2]), int(reply[3]))
-        if status == APPLIED_BEFORE:
-            raise AlreadyApplied(account, int(reply[2]))
-        if status == IDEM_CONFLICT:
-            raise IdempotencyConflict(
-                f"idempotency key of account {account!r} was used for a different call"
-            )
-        if status == OVERFLOW:
-            raise BalanceOverflow(f"a balance of account {account!r} would pass {int(reply[2])}")
-        if status == RES_NOT_FOUND:
-            raise ReservationNotFound(
-                f"no reservation {reservation_id} for account {account!r} "
-                "(never made, or its record has expired)",
-                account=account,
-                reservation_id=reservation_id,
-            )
-        if status == RES_LAPSED:
-            raise ReservationLapsed(
-                f"reservation {reservation_id} of account {account!r} lapsed at "
-                f"{int(reply[2])} ms (server clock); pass allow_late=True to charge it anyway",
-                account=account,
-                reservation_id=reservation_id,
-            )
-        if status == RES_CLOSED:
-            raise ReservationClosed(
-                f"reservation {reservation_id} of account {account!r} is already "
-                f"{_OUTCOMES[int(reply[2])].replace('_', ' ')}",
-                account=account,
-                reservation_id=reservation_id,
-            )
-        if status == RATE_LIMITED:
-            raise RateLimited(account, _text(reply[2]), int(reply[3]))
-        if status == RES_EXISTS:
-            raise ReservationError(
-                f"reservation id {reservation_id} is already in use",
-                account=account,
-                reservation_id=reservation_id,
-            )
-        if status != OK:
-            raise RedCreditError(f"unexpected reply from Redis: {reply!r}")
+    def _run_parsed(
+        self,
+        call: ScriptCall,
+        keys: AccountKeys,
+        parse: Callable[[Reply], T],
+        reservation_id: str = "",
+    ) -> Operation[T]:
+        """Runs a call, raises the refusal its reply stands for, or parses its success."""
+        reply = yield from self._run(call, keys)
+        refused = replies.refusal(reply, keys.account, reservation_id)
+        if refused is not None:
+            raise refused
+        return parse(reply)
 
     def _price(self, feature: str | None, cost: int | None, units: int | None) -> tuple[int, str]:
         if feature is None and cost is None:
@@ -328,19 +258,7 @@ class Engine:
             [credits, messages, feature_name, op],
             model=model_name,
         )
-        return self._debit(call, keys)
-
-    def _debit(self, call: ScriptCall, keys: AccountKeys) -> Operation[SpendResult]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account)
-        return SpendResult(
-            keys.account,
-            _unlimited_as_none(reply[2]),
-            _unlimited_as_none(reply[3]),
-            int(reply[4]),
-            bool(reply[1]),
-            _limit_states(reply, 5),
-        )
+        return self._run_parsed(call, keys, partial(replies.spend_result, account=account))
 
     def grant(
         self,
@@ -392,14 +310,7 @@ class Engine:
             f"{op}:{credits}:{chat_messages}:{reason_text}",
             [credits, chat_messages, op, reason_text],
         )
-        return self._adjust(call, keys)
-
-    def _adjust(self, call: ScriptCall, keys: AccountKeys) -> Operation[BalanceChange]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account)
-        return BalanceChange(
-            keys.account, int(reply[2]), int(reply[3]), int(reply[4]), bool(reply[1])
-        )
+        return self._run_parsed(call, keys, partial(replies.balance_change, account=account))
 
     def set_plan(
         self, account: str, plan: str, *, idempotency_key: str | None = None
@@ -409,33 +320,16 @@ class Engine:
         plan = self.settings.require_plan(plan)
         keys = self.keys.for_account(account)
         call = self._call("set_plan", keys, idempotency_key, f"plan:{plan}", [plan])
-        return self._set_plan(call, keys, plan)
-
-    def _set_plan(self, call: ScriptCall, keys: AccountKeys, plan: str) -> Operation[PlanChange]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account)
-        return PlanChange(keys.account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
+        return self._run_parsed(
+            call, keys, partial(replies.plan_change, account=account, plan=plan)
+        )
 
     def balance(self, account: str, *, model: str | None = None) -> Operation[Balance]:
         account = v.check_account_id(account)
         model_name = _model(model)
         keys = self.keys.for_account(account)
-        return self._balance(self._call("balance", keys, None, "", [], model=model_name), keys)
-
-    def _balance(self, call: ScriptCall, keys: AccountKeys) -> Operation[Balance]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account)
-        return Balance(
-            account=keys.account,
-            credits=int(reply[2]),
-            chat_messages=int(reply[3]),
-            held=int(reply[4]),
-            plan=_text(reply[5]),
-            sequence=int(reply[6]),
-            unlimited=bool(reply[7]),
-            server_time_ms=int(reply[8]),
-            limits=_limit_states(reply, 9),
-        )
+        call = self._call("balance", keys, None, "", [], model=model_name)
+        return self._run_parsed(call, keys, partial(replies.balance, account=account))
 
     def reserve(
         self,
@@ -470,23 +364,8 @@ class Engine:
             [keys.reservation(reservation_id)],
             model=model_name,
         )
-        return self._reserve(call, keys, reservation_id, amount)
-
-    def _reserve(
-        self, call: ScriptCall, keys: AccountKeys, reservation_id: str, amount: int
-    ) -> Operation[Reservation]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account, reservation_id)
-        return Reservation(
-            account=keys.account,
-            # A replay answers with the first call's id, not the one made for the retry.
-            id=_text(reply[4]),
-            amount=amount,
-            deadline_ms=int(reply[2]),
-            sequence=int(reply[3]),
-            replayed=bool(reply[1]),
-            limits=_limit_states(reply, 5),
-        )
+        parse = partial(replies.reservation, account=account, amount=amount)
+        return self._run_parsed(call, keys, parse, reservation_id)
 
     def reset_limits(
         self, account: str, name: str | None = None, *, idempotency_key: str | None = None
@@ -497,12 +376,7 @@ class Engine:
         idempotency_key = v.check_idempotency_key(idempotency_key)
         keys = self.keys.for_account(account)
         call = self._call("reset_limits", keys, idempotency_key, f"reset_limits:{limit}", [limit])
-        return self._reset_limits(call, keys)
-
-    def _reset_limits(self, call: ScriptCall, keys: AccountKeys) -> Operation[int]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account)
-        return int(reply[2])
+        return self._run_parsed(call, keys, replies.limit_reset)
 
     def close_reservation(
         self,
@@ -529,23 +403,8 @@ class Engine:
             [mode, actual, reservation_id, int(allow_late), self._retention_ms],
             [keys.reservation(reservation_id)],
         )
-        return self._close(call, keys, reservation_id)
-
-    def _close(
-        self, call: ScriptCall, keys: AccountKeys, reservation_id: str
-    ) -> Operation[Settlement]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account, reservation_id)
-        return Settlement(
-            account=keys.account,
-            reservation_id=reservation_id,
-            outcome=_OUTCOMES[int(reply[2])],
-            charged=int(reply[3]),
-            uncharged=int(reply[4]),
-            credits_remaining=_unlimited_as_none(reply[5]),
-            sequence=int(reply[6]),
-            replayed=bool(reply[1]),
-        )
+        parse = partial(replies.settlement, account=account, reservation_id=reservation_id)
+        return self._run_parsed(call, keys, parse, reservation_id)
 
     def extend(
         self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
@@ -562,20 +421,10 @@ class Engine:
             [ttl_ms, reservation_id, self._retention_ms],
             [keys.reservation(reservation_id)],
         )
-        return self._extend(call, keys, reservation_id)
-
-    def _extend(
-        self, call: ScriptCall, keys: AccountKeys, reservation_id: str
-    ) -> Operation[Reservation]:
-        reply = yield from self._run(call, keys)
-        self._raise_refusal(reply, keys.account, reservation_id)
-        return Reservation(
-            account=keys.account,
-            id=reservation_id,
-            amount=int(reply[4]),
-            deadline_ms=int(reply[2]),
-            sequence=int(reply[3]),
+        parse = partial(
+            replies.reservation_extended, account=account, reservation_id=reservation_id
         )
+        return self._run_parsed(call, keys, parse, reservation_id)
 
 
 def _model(model: str | None) -> str:
@@ -597,27 +446,12 @@ def _reservation_parts(reservation: object) -> tuple[str, str]:
     return v.check_account_id(account), v.check_reservation_id(reservation_id)
 
 
-def _limit_states(reply: list[Any], start: int) -> tuple[LimitState, ...]:
-    return tuple(
-        LimitState(
-            name=_text(reply[i]),
-            limit=int(reply[i + 1]),
-            window_s=int(reply[i + 2]),
-            remaining=int(reply[i + 3]),
-            reset_s=int(reply[i + 4]),
-            shadow=bool(reply[i + 5]),
-            would_refuse=bool(reply[i + 6]),
-        )
-        for i in range(start, len(reply), 7)
-    )
-
-
 def check_durable(call: ScriptCall, reply: Any, acknowledged: Any) -> None:
     """Raises NotDurable when WAITAOF / WAIT did not confirm a change in time.
 
     A refusal, or an account still to be loaded, changed nothing: no need to wait.
     """
-    if call.wait is None or reply[0] != OK:
+    if call.wait is None or reply[0] != Status.OK:
         return
     confirmed = int(acknowledged[0]) if call.wait[0] == "WAITAOF" else int(acknowledged)
     if confirmed < 1:

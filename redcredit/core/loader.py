@@ -24,6 +24,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class AccountSnapshot:
+    """An account as the system of record has it, or as it opens when unknown."""
+
     credits: int
     chat_messages: int
     plan: str
@@ -31,7 +33,6 @@ class AccountSnapshot:
     # At 0 (a new account, or a legacy row with no history) the opening
     # balances are journaled, so the ledger always sums to the balance.
     sequence: int = 0
-    is_new: bool = False
     # Idempotency keys of calls the system of record holds, still within the
     # window: (key, sequence number of the call's entry, ms left in the window).
     # Reloaded with the account, so a call repeated after Redis lost the
@@ -55,7 +56,6 @@ class DefaultsLoader:
             credits=settings.free_credits,
             chat_messages=settings.free_chat_messages,
             plan=settings.default_plan,
-            is_new=True,
         )
 
     def load(self, account: str) -> AccountSnapshot:

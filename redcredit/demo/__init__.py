@@ -1,1 +1,1 @@
-"""demo"""
+"""``redcredit demo``: a scripted scenario, then a gated streaming chat API."""

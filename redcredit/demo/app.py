@@ -17,13 +17,13 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as Endpoint
 from starlette.types import ASGIApp, Scope
 
+from ..backends.postgres import recent_ledger_async
 from ..clients.async_client import AsyncRedCredit
 from ..config import LimitSettings, PlanSettings, RefillSettings, Settings
 from ..costs import CostTable
@@ -120,12 +120,8 @@ def build_app(settings: Settings, *, gated: bool = True) -> ASGIApp:
         who = identify_bearer(request.scope)
         if who is None or settings.database_url is None:
             return JSONResponse({"detail": "send Authorization: Bearer <account>"}, 401)
-        query = sql.SQL(
-            "SELECT seq, op, credit_delta, chat_delta, credits_after, chat_after, feature, "
-            "server_time::text FROM {}.ledger WHERE account = %s ORDER BY seq DESC LIMIT 20"
-        ).format(sql.Identifier(settings.pg_schema))
         async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
-            rows = await (await conn.execute(query, [who])).fetchall()
+            rows = await recent_ledger_async(conn, settings.pg_schema, who, limit=20)
         names = ("seq", "op", "credits", "chat", "credits_after", "chat_after", "feature", "at")
         return JSONResponse([dict(zip(names, row, strict=True)) for row in rows])
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import psycopg
 import uvicorn
-from psycopg import sql
 
 from ..backends.migrate import migrate
+from ..backends.postgres import ledger_of, ledger_size
 from ..clients.sync_client import RedCredit
 from ..config import Settings
 from ..costs import CostTable
@@ -280,17 +280,10 @@ def _burst_and_drain(rc: RedCredit, syncer: Syncer, run: str) -> None:
 
 def _show_ledger(settings: Settings, account: str) -> None:
     assert settings.database_url is not None
-    schema = sql.Identifier(settings.pg_schema)
     with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT seq, op, credit_delta, chat_delta, credits_after, chat_after, feature "
-                "FROM {}.ledger WHERE account = %s ORDER BY seq"
-            ).format(schema),
-            [account],
-        ).fetchall()
-        total = conn.execute(sql.SQL("SELECT COUNT(*) FROM {}.ledger").format(schema)).fetchone()
-    print(f"\nPostgreSQL ledger of {account!r} ({total[0] if total else 0} rows in all):")
+        rows = ledger_of(conn, settings.pg_schema, account)
+        total = ledger_size(conn, settings.pg_schema)
+    print(f"\nPostgreSQL ledger of {account!r} ({total} rows in all):")
     table = Table(("seq", "op", "credits", "chat", "credits after", "chat after", "feature"),
                   (4, 8, 8, 5, 13, 10, 10))  # fmt: skip
     for seq, op, dc, dm, credits, chat, feature in rows:

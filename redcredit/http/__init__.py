@@ -1,1 +1,1 @@
-"""http"""
+"""Gating HTTP: routes, problem answers, the breaker, the ASGI middleware, FastAPI."""

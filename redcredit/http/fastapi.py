@@ -28,8 +28,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 from ..clients.async_client import AsyncRedCredit
 from ..errors import ConfigError
 from ..results import SpendResult
-from .asgi import Gatekeeper, GateStats, UnidentifiedPolicy
 from .breaker import CircuitBreaker
+from .gatekeeper import Gatekeeper, GateStats, UnidentifiedPolicy
 from .problems import Problem, Problems
 from .routes import CostSpec, Route, Scope, UnavailablePolicy, resolve_cost
 
@@ -149,12 +149,9 @@ class CreditDependency:
                 return None
             raise ProblemException(keeper.problems.unidentified())
         verdict = await keeper.spend(
+            route,
             account,
-            feature=route.feature,
             cost=await resolve_cost(route.cost, request.scope),
-            messages=route.messages,
-            shadow=route.shadow,
-            on_unavailable=route.on_unavailable,
             idempotency_key=(
                 None if self.idempotency_key is None else self.idempotency_key(request.scope)
             ),

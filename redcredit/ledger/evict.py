@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 import redis
-from psycopg import sql
 
+from ..backends.postgres import postgres_errors_translated, synced_sequences
 from ..config import Settings
 from ..core.keys import KeySpace
 from ..core.scripts import load_scripts, run_each
@@ -48,15 +48,12 @@ def evict_idle(
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     script = load_scripts()["evict"]
     idle_ms = int(idle.total_seconds() * 1000)
-    query = sql.SQL("SELECT account, last_seq FROM {}.accounts WHERE account = ANY(%s)").format(
-        sql.Identifier(settings.pg_schema)
-    )
     report = EvictionReport()
     pending: list[str] = []
 
     def flush() -> None:
-        synced = {row[0]: row[1] for row in conn.execute(query, [pending])}
-
+        with postgres_errors_translated("read from PostgreSQL which accounts it holds in full"):
+            synced = synced_sequences(conn, settings.pg_schema, pending)
         calls = []
         for account in pending:
             account_keys = keys.for_account(account)

@@ -16,15 +16,20 @@ from typing import Any
 
 import psycopg
 import redis
-from psycopg import sql
 
+from ..backends.postgres import (
+    AccountState,
+    LedgerSums,
+    account_ids,
+    account_states,
+    ledger_sums,
+    postgres_errors_translated,
+)
 from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
 
 __all__ = ["Drift", "ReconcileReport", "reconcile", "scan_accounts"]
-
-State = tuple[int, int, str, int]  # credits, chat messages, plan, sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +61,21 @@ def reconcile(
 ) -> ReconcileReport:
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     report = ReconcileReport()
-    accounts = _pg_accounts(conn, settings.pg_schema) | _redis_accounts(redis_client, keys)
-    if sample is not None and sample < len(accounts):
-        accounts = set(random.sample(sorted(accounts), sample))
-    report.accounts = len(accounts)
-    todo = accounts
-    for attempt in range(rechecks + 1):
-        moving = _check(settings, redis_client, conn, keys, todo, report, final=attempt == rechecks)
-        if not moving:
-            break
-        todo = moving
-        time.sleep(0.1)
-    else:
-        report.in_flight = sorted(todo)
+    with postgres_errors_translated("compare Redis with PostgreSQL"):
+        accounts = account_ids(conn, settings.pg_schema) | _redis_accounts(redis_client, keys)
+        if sample is not None and sample < len(accounts):
+            accounts = set(random.sample(sorted(accounts), sample))
+        report.accounts = len(accounts)
+        todo = accounts
+        for attempt in range(rechecks + 1):
+            final = attempt == rechecks
+            moving = _check(settings, redis_client, conn, keys, todo, report, final=final)
+            if not moving:
+                break
+            todo = moving
+            time.sleep(0.1)
+        else:
+            report.in_flight = sorted(todo)
     return report
 
 
@@ -86,8 +93,8 @@ def _check(
     ordered = sorted(accounts)
     # PostgreSQL first, then the journal, then Redis: each later read can only
     # be newer, so an account that moved shows as Redis ahead, never behind.
-    pg = _pg_states(conn, settings.pg_schema, ordered)
-    ledger = _ledger_sums(conn, settings.pg_schema, ordered)
+    pg = account_states(conn, settings.pg_schema, ordered)
+    ledger = ledger_sums(conn, settings.pg_schema, ordered)
     journal = _journal(redis_client, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
     live = _redis_states(redis_client, keys, ordered)
@@ -132,7 +139,7 @@ def _may_be_in_flight(problems: list[str]) -> bool:
     return any("ledger" in p for p in problems)
 
 
-def _ledger_problems(pg_state: State, sums: tuple[int, int, int, int, int]) -> list[str]:
+def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:
     credit_sum, chat_sum, count, first, last = sums
     problems = []
     if count != last - first + 1:
@@ -145,11 +152,6 @@ def _ledger_problems(pg_state: State, sums: tuple[int, int, int, int, int]) -> l
             f"the account row holds {pg_state[0]} and {pg_state[1]}"
         )
     return problems
-
-
-def _pg_accounts(conn: psycopg.Connection[Any], schema: str) -> set[str]:
-    query = sql.SQL("SELECT account FROM {}.accounts").format(sql.Identifier(schema))
-    return {row[0] for row in conn.execute(query)}
 
 
 def _redis_accounts(client: redis.Redis, keys: KeySpace) -> set[str]:
@@ -169,27 +171,6 @@ def scan_accounts(client: redis.Redis, keys: KeySpace) -> Iterator[str]:
             yield account
 
 
-def _pg_states(conn: psycopg.Connection[Any], schema: str, accounts: list[str]) -> dict[str, State]:
-    query = sql.SQL(
-        "SELECT account, COALESCE(credits, 0), COALESCE(chat_messages, 0), plan, last_seq "
-        "FROM {}.accounts WHERE account = ANY(%s)"
-    ).format(sql.Identifier(schema))
-    return {row[0]: (row[1], row[2], row[3], row[4]) for row in conn.execute(query, [accounts])}
-
-
-def _ledger_sums(
-    conn: psycopg.Connection[Any], schema: str, accounts: list[str]
-) -> dict[str, tuple[int, int, int, int, int]]:
-    query = sql.SQL(
-        "SELECT account, SUM(credit_delta), SUM(chat_delta), COUNT(*), MIN(seq), MAX(seq) "
-        "FROM {}.ledger WHERE account = ANY(%s) GROUP BY account"
-    ).format(sql.Identifier(schema))
-    return {
-        row[0]: (int(row[1]), int(row[2]), row[3], row[4], row[5])
-        for row in conn.execute(query, [accounts])
-    }
-
-
 def _journal(
     client: redis.Redis, keys: KeySpace, accounts: Iterable[str]
 ) -> dict[str, list[JournalEntry]]:
@@ -203,7 +184,9 @@ def _journal(
     return found
 
 
-def _redis_states(client: redis.Redis, keys: KeySpace, accounts: list[str]) -> dict[str, State]:
+def _redis_states(
+    client: redis.Redis, keys: KeySpace, accounts: list[str]
+) -> dict[str, AccountState]:
     pipe = client.pipeline(transaction=False)
     for account in accounts:
         pipe.hmget(keys.for_account(account).hash, "c", "m", "p", "s")

@@ -25,14 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Self, cast
 
-import psycopg
 import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from psycopg_pool import ConnectionPool
 from redis.exceptions import ResponseError
 
-from ..backends.postgres import apply_entries, fence_for_apply
+from ..backends.postgres import apply_entries, fence_for_apply, postgres_errors_translated
 from ..backends.postgres_loader import require_database_url
 from ..backends.redis import redis_errors_translated, require_url, sync_client
 from ..config import Settings
@@ -245,7 +244,8 @@ class Syncer:
         Returns the entries that wait for an earlier entry of their account
         (see :func:`~redcredit.backends.postgres.apply_entries`): neither applied nor
         acknowledged. Raises :class:`BatchGone` (committing nothing) when
-        Redis no longer holds the batch: it lost its data since it was read.
+        Redis no longer holds the batch: it lost its data since it was read,
+        and :class:`~redcredit.errors.BackendUnavailable` when PostgreSQL fails.
         """
         by_stream: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
@@ -253,7 +253,11 @@ class Syncer:
         partitions = [self._partition_of[stream] for stream in by_stream]
         if self.settings.sync_waits_for_aof:
             self._claim_again(by_stream, wait_for_disk=True)
-        with self.pool.connection() as conn, conn.transaction():
+        with (
+            postgres_errors_translated("write the batch to PostgreSQL"),
+            self.pool.connection() as conn,
+            conn.transaction(),
+        ):
             fence_for_apply(conn, self.settings.pg_schema, partitions)
             waiting = apply_entries(conn, self.settings.pg_schema, entries)
             self._fault("before_commit")
@@ -358,7 +362,7 @@ class Syncer:
             while (count := self.run_once()) and time.monotonic() < until:
                 total += count
             total += count
-        except (psycopg.Error, redis.RedisError, RedCreditError, OSError) as exc:
+        except (redis.RedisError, RedCreditError, OSError) as exc:
             if "NOGROUP" in str(exc):
                 # Redis lost its data (a restart without persistence): the
                 # consumer groups go with it and are made again.

@@ -1,1 +1,1 @@
-"""servers"""
+"""Real Redis and PostgreSQL servers on loopback, for the demo, the tests and the benchmarks."""

@@ -356,23 +356,20 @@ class EmbeddedPostgres(EmbeddedServer):
     def _probe(self) -> None:
         import psycopg
 
+        from ..backends.postgres import ping
+
         try:
             # A listening server still answers "starting up" during crash recovery.
             with self._admin_connection() as conn:
-                conn.execute("SELECT 1")
+                ping(conn)
         except psycopg.OperationalError as exc:
             raise NotReady(str(exc).strip()) from exc
 
     def _after_start(self, deadline: float) -> None:
-        from psycopg import sql
+        from ..backends.postgres import create_database
 
         with self._admin_connection(autocommit=True) as conn:
-            found = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
-            if found is None:
-                create = sql.SQL("CREATE DATABASE {} OWNER postgres")
-                conn.execute(create.format(sql.Identifier(self.database)))
+            create_database(conn, self.database)
 
     def kill(self) -> None:
         """SIGKILL of the postmaster, as in a crash: nothing is flushed, the data folder stays."""

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import pytest
+import redis
 
 from redcredit import (
     AsyncRedCredit,
@@ -23,6 +28,9 @@ from redcredit import (
     ReservationRef,
     Settings,
 )
+from redcredit.http.asgi import CreditGate
+from redcredit.http.routes import Message, Route, Scope
+from redcredit.servers.redis import EmbeddedRedis
 from tests.support.helpers import account_entries
 
 
@@ -186,6 +194,109 @@ async def test_async_block(arc: AsyncRedCredit) -> None:
         async with arc.reservation("ola", 50):
             raise ValueError("boom")
     assert (await arc.balance("ola")).credits == 80
+
+
+async def test_async_block_keeps_a_cancellation_that_comes_while_it_exits(
+    arc: AsyncRedCredit,
+) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(asyncio.CancelledError):
+        async with arc.reservation("uma", 50, ttl=5) as lease:
+            # Lands while the block waits for its renewer to stop.
+            asyncio.get_running_loop().call_soon(task.cancel)
+    task.uncancel()
+    assert lease.settlement is None
+    await arc.release(lease.reservation)
+
+
+# --- the renewal policy, the same for every holder -----------------------------------------------
+
+LEASE_S = 1
+
+
+def _outage(server: EmbeddedRedis) -> None:
+    """Redis out of memory, then hung past the lease's deadline, then healthy again."""
+    control = redis.Redis.from_url(server.url)
+    try:
+        time.sleep(LEASE_S / 2)
+        control.config_set("maxmemory", 1)
+        time.sleep(LEASE_S / 2)
+        control.config_set("maxmemory", 0)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(LEASE_S * 1.5)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        # A loop still renewing would try again every third of the lease.
+        time.sleep(LEASE_S)
+    finally:
+        control.close()
+
+
+def _sync_block(settings: Settings, server: EmbeddedRedis) -> None:
+    with RedCredit(settings=settings) as client, client.reservation("rho", 10, ttl=LEASE_S):
+        _outage(server)
+
+
+async def _async_block(settings: Settings, server: EmbeddedRedis) -> None:
+    async with (
+        AsyncRedCredit(settings=settings) as client,
+        client.reservation("rho", 10, ttl=LEASE_S),
+    ):
+        await asyncio.to_thread(_outage, server)
+
+
+async def _gated_stream(settings: Settings, server: EmbeddedRedis) -> None:
+    sent: list[Message] = []
+
+    async def endpoint(scope: Scope, receive: Any, send: Any) -> None:
+        await asyncio.to_thread(_outage, server)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with AsyncRedCredit(settings=settings) as client:
+        route = Route("POST", "/s", stream=True, max_cost=10, messages=0, stream_ttl=LEASE_S)
+        gate = CreditGate(
+            endpoint, client=client, identify=lambda scope: "rho", routes=[route], deadline_s=5
+        )
+        await gate({"type": "http", "method": "POST", "path": "/s", "headers": []}, receive, send)
+    assert sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("holder", [_sync_block, _async_block, _gated_stream])
+async def test_every_holder_retries_an_outage_and_stops_at_a_lapse(
+    holder: Callable[[Settings, EmbeddedRedis], Any],
+    settings: Settings,
+    redis_factory: Callable[..., EmbeddedRedis],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_factory()
+    own = settings.model_copy(
+        update={
+            "redis_url": server.url,
+            "redis_socket_timeout": timedelta(seconds=0.2),
+            "redis_connect_timeout": timedelta(seconds=0.2),
+        }
+    )
+    caplog.set_level(logging.WARNING, logger="redcredit")
+    outcome = holder(own, server)
+    if asyncio.iscoroutine(outcome):
+        await outcome
+    renewals = [r.getMessage() for r in caplog.records if "renew" in r.getMessage()]
+    retried = [message for message in renewals if "will retry" in message]
+    # Out of memory and hung: both outages, both retried.
+    assert any("maxmemory" in message for message in retried), renewals
+    assert any("did not answer" in message for message in retried), renewals
+    # The lapse ends the loop: said once, and nothing tried after it.
+    assert "can no longer be renewed" in renewals[-1] and "lapsed" in renewals[-1], renewals
+    assert sum("can no longer" in message for message in renewals) == 1, renewals
 
 
 HOLDER = textwrap.dedent(

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi import Depends, FastAPI, Request
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
@@ -675,6 +676,25 @@ async def test_redis_outage_is_decided_by_policy_within_the_deadline(
     assert stats.unavailable >= 6
     assert any("ungated" in record.getMessage() for record in caplog.records)
     assert all(record.levelno == logging.WARNING for record in caplog.records)
+
+
+async def test_redis_out_of_memory_is_decided_by_policy(
+    settings: Settings, serve: Callable[..., ServedApp], redis_factory: Callable[..., Any]
+) -> None:
+    redis_server = redis_factory()
+    served = serve(settings.model_copy(update={"redis_url": redis_server.url}), build_gate)
+    control = redis.Redis.from_url(redis_server.url)
+    try:
+        async with http(served.url) as client:
+            assert (await client.post("/closed", headers=as_account("oom"))).status_code == 200
+            control.config_set("maxmemory", 1)
+            try:
+                await answers_per_policy(served, client)
+            finally:
+                control.config_set("maxmemory", 0)
+    finally:
+        control.close()
+    assert served.app.stats.ungated == 2
 
 
 # --- a server killed mid-stream -------------------------------------------------------------------

@@ -61,7 +61,8 @@ from redcredit import (
 from redcredit.backends.migrate import migrate
 from redcredit.config import LimitSettings, PlanSettings
 from redcredit.errors import EmbeddedServerError
-from redcredit.http.asgi import CreditGate, Gatekeeper
+from redcredit.http.asgi import CreditGate
+from redcredit.http.gatekeeper import Gatekeeper
 from redcredit.http.problems import PROBLEM_CONTENT_TYPE, Problems
 from redcredit.http.routes import Route, Scope
 from redcredit.ledger.reconcile import scan_accounts

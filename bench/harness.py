@@ -1,0 +1,329 @@
+"""What every section measures with: the run settings, the points, the load drivers, the CPU
+readings of Redis and PostgreSQL, and the servers the suite starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from redcredit import AsyncRedCredit, Settings
+from redcredit.core.engine import Engine
+from redcredit.servers.postgres import EmbeddedPostgres
+
+CONCURRENCY = (1, 16, 64, 256)
+SPREAD_ACCOUNTS = 10_000
+BIG = 2**52
+
+Op = Callable[[], Awaitable[int]]  # one call (or batch); returns how many calls it made
+MakeOp = Callable[[int], Awaitable[Op]]  # worker index -> its op
+Call = Callable[[], Awaitable[object]]  # what a worker repeats on a client
+Setup = Callable[[], Awaitable[tuple[MakeOp, Callable[[], Awaitable[None]]]]]
+RunOnce = Callable[[], tuple[int, float, list[float], float]]
+T = TypeVar("T")
+
+
+@dataclass
+class Config:
+    runs: int
+    seconds: float
+    max_ops: int
+    drain_entries: int
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The servers a section declared it needs; asking for another is a mistake in the registry,
+    so it fails the same way whether or not some other selected section started that server."""
+
+    section: str
+    redis_url: str
+    port: int | None = None
+    pg_url: str | None = None
+
+    @property
+    def redis_port(self) -> int:
+        return self._declared(self.port, "the Redis port")
+
+    @property
+    def postgres_url(self) -> str:
+        return self._declared(self.pg_url, "PostgreSQL")
+
+    def _declared(self, value: T | None, what: str) -> T:
+        if value is None:
+            raise LookupError(f"section {self.section!r} does not declare that it needs {what}")
+        return value
+
+
+@dataclass
+class Point:
+    section: str
+    system: str
+    callers: int
+    rates: list[float]
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    client_cpu: float  # fraction of one core
+    redis_cpu: float | None
+    calls: int
+    note: str = ""
+    postgres_cpu: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+
+@dataclass
+class Results:
+    started: str
+    mode: str
+    machine: dict[str, Any]
+    points: list[Point] = field(default_factory=list)
+    syncer: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def find(self, system: str, callers: int | None = None) -> Point | None:
+        for point in self.points:
+            if point.system == system and (callers is None or point.callers == callers):
+                return point
+        return None
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def percentile_ms(ordered: list[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)] * 1000
+
+
+PG_PID: list[int] = []  # the postmaster, when PostgreSQL runs
+
+
+def pg_cpu() -> float | None:
+    """CPU seconds of the postmaster, its reaped children and its live backends (from /proc)."""
+    if not PG_PID:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == PG_PID[0]:
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        elif ppid == PG_PID[0]:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def redis_cpu(url: str) -> float:
+    with redis.Redis.from_url(url) as conn:
+        info = conn.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def drive(
+    make_op: MakeOp, concurrency: int, seconds: float, max_ops: int
+) -> tuple[int, float, list[float]]:
+    """Runs ``concurrency`` workers until ``seconds`` pass or ``max_ops`` calls are made."""
+    ops = await asyncio.gather(*(make_op(i) for i in range(concurrency)))
+    latencies: list[float] = []
+    done = 0
+    began = time.perf_counter()
+    stop = began + seconds
+
+    async def worker(op: Op) -> None:
+        nonlocal done
+        while done < max_ops and (start := time.perf_counter()) < stop:
+            n = await op()
+            elapsed = time.perf_counter() - start
+            latencies.extend([elapsed] * n)
+            done += n
+
+    await asyncio.gather(*(worker(op) for op in ops))
+    return done, time.perf_counter() - began, latencies
+
+
+async def drive_setup(
+    setup: Setup, concurrency: int, seconds: float, max_ops: int
+) -> tuple[int, float, list[float], float]:
+    """``drive`` between ``setup`` and its cleanup; adds this process's CPU seconds."""
+    make_op, cleanup = await setup()
+    try:
+        c0 = time.process_time()
+        done, elapsed, lat = await drive(make_op, concurrency, seconds, max_ops)
+        return done, elapsed, lat, time.process_time() - c0
+    finally:
+        await cleanup()
+
+
+def measure(
+    cfg: Config,
+    redis_url: str,
+    section: str,
+    system: str,
+    callers: int,
+    run_once: RunOnce,
+    note: str = "",
+) -> Point:
+    """Repeats ``run_once`` (calls, wall, latencies, client cpu-seconds) ``cfg.runs`` times."""
+    rates: list[float] = []
+    latencies: list[float] = []
+    cpu = wall = rcpu = pcpu = 0.0
+    calls = 0
+    for _ in range(cfg.runs):
+        r0, p0 = redis_cpu(redis_url), pg_cpu()
+        done, elapsed, lat, cpu_s = run_once()
+        rcpu += redis_cpu(redis_url) - r0
+        p1 = pg_cpu()
+        pcpu += (p1 - p0) if p0 is not None and p1 is not None else 0.0
+        rates.append(done / elapsed)
+        latencies += lat
+        cpu += cpu_s
+        wall += elapsed
+        calls += done
+    latencies.sort()
+    point = Point(
+        section,
+        system,
+        callers,
+        rates,
+        percentile_ms(latencies, 0.5),
+        percentile_ms(latencies, 0.99),
+        percentile_ms(latencies, 0.999),
+        cpu / wall,
+        rcpu / wall,
+        calls,
+        note,
+        pcpu / wall if section == "db" else None,
+    )
+    print(f"  {system:<34} {callers:>4}  {point.rate:>10,.0f}/s  p99 {point.p99_ms:6.2f} ms")
+    return point
+
+
+def async_point(
+    cfg: Config,
+    redis_url: str,
+    section: str,
+    system: str,
+    callers: int,
+    setup: Setup,
+    note: str = "",
+    workers: int | None = None,
+) -> Point:
+    """An asyncio load in this process; ``setup`` gives the op factory and a cleanup.
+
+    ``callers`` is what the report shows (calls in flight); ``workers`` how many
+    coroutines run (fewer than ``callers`` when each sends a pipelined batch).
+    """
+
+    def run_once() -> tuple[int, float, list[float], float]:
+        return asyncio.run(drive_setup(setup, workers or callers, cfg.seconds, cfg.max_ops))
+
+    return measure(cfg, redis_url, section, system, callers, run_once, note)
+
+
+# --- loads ----------------------------------------------------------------------------------
+
+
+def over_sockets(
+    port: int, make: Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Op]
+) -> Setup:
+    """A load over raw loopback connections, one a worker; ``make`` gives a worker its op."""
+
+    async def setup() -> tuple[MakeOp, Callable[[], Awaitable[None]]]:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def make_op(i: int) -> Op:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writers.append(writer)
+            return make(i, reader, writer)
+
+        async def cleanup() -> None:
+            for writer in writers:
+                writer.close()
+
+        return make_op, cleanup
+
+    return setup
+
+
+def with_client(settings: Settings, make: Callable[[AsyncRedCredit, int], Call]) -> Setup:
+    """A load on one ``AsyncRedCredit`` shared by the workers; ``make(rc, i)`` gives worker
+    ``i`` the call it repeats."""
+
+    async def setup() -> tuple[MakeOp, Callable[[], Awaitable[None]]]:
+        rc = AsyncRedCredit(settings=settings)
+
+        async def make_op(i: int) -> Op:
+            call = make(rc, i)
+
+            async def op() -> int:
+                await call()
+                return 1
+
+            return op
+
+        return make_op, rc.close
+
+    return setup
+
+
+def rc_settings(redis_url: str, **update: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": "b" + uuid.uuid4().hex[:8],
+        "free_credits": BIG,
+        "free_chat_messages": BIG,
+        "redis_max_connections": 256,
+    }
+    return Settings(**{**values, **update})
+
+
+def trim_journals(settings: Settings) -> None:
+    """Spends are journaled; dropping the streams between points keeps Redis memory flat."""
+    with redis.Redis.from_url(str(settings.redis_url)) as conn:
+        conn.delete(*Engine(settings).keys.journals())
+
+
+def warm(settings: Settings, accounts: list[str]) -> None:
+    """Creates the accounts (and loads the scripts) before any point is timed."""
+
+    async def go() -> None:
+        async with AsyncRedCredit(settings=settings) as rc:
+            for start in range(0, len(accounts), 512):
+                await asyncio.gather(*(rc.grant(a, 1) for a in accounts[start : start + 512]))
+
+    asyncio.run(go())
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres(needed: bool) -> Iterator[str | None]:
+    if not needed:
+        yield None
+        return
+    # Durable, as a system of record runs: fsync and synchronous commit on.
+    with EmbeddedPostgres(durable=True) as server:
+        if server.pid is not None:
+            PG_PID[:] = [server.pid]
+        yield server.url

@@ -1,0 +1,244 @@
+"""The reply contract of the Lua scripts, on the Python side.
+
+Every script of the prelude answers ``{status, replayed, ...}``. The status
+codes live here once, as :class:`Status`, and must agree with the ``local``
+constants at the top of ``lua/_prelude.lua`` (tests/core/test_replies.py
+reads the Lua sources and compares). The parsers are pure: a reply list in,
+a result record of :mod:`redcredit.results` or a typed refusal out.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Final
+
+from ..errors import (
+    AlreadyApplied,
+    BalanceOverflow,
+    IdempotencyConflict,
+    InsufficientChatMessages,
+    InsufficientCredits,
+    RateLimited,
+    RedCreditError,
+    ReservationClosed,
+    ReservationError,
+    ReservationLapsed,
+    ReservationNotFound,
+)
+from ..results import (
+    Balance,
+    BalanceChange,
+    LimitState,
+    PlanChange,
+    Reservation,
+    Settlement,
+    SettlementOutcome,
+    SpendResult,
+)
+
+__all__ = [
+    "OUTCOMES",
+    "Outcome",
+    "Reply",
+    "Status",
+    "balance",
+    "balance_change",
+    "limit_reset",
+    "plan_change",
+    "refusal",
+    "reservation",
+    "reservation_extended",
+    "settlement",
+    "spend_result",
+]
+
+Reply = list[Any]
+
+
+class Status(IntEnum):
+    """The first element of every reply; 0 is success."""
+
+    OK = 0
+    # The account is not in Redis: load it, hydrate, and call again.
+    MISSING = 1
+    NO_CREDITS = 2
+    NO_CHAT = 3
+    RES_NOT_FOUND = 4
+    RES_LAPSED = 5
+    IDEM_CONFLICT = 6
+    OVERFLOW = 7
+    RES_EXISTS = 8
+    RES_CLOSED = 9
+    RATE_LIMITED = 10
+    # Stored by hydrate under a key PostgreSQL holds: the first reply is gone.
+    APPLIED_BEFORE = 11
+
+
+class Outcome(IntEnum):
+    """How settle.lua closed a reservation (its SETTLED, RELEASED, LATE)."""
+
+    SETTLED = 1
+    RELEASED = 2
+    LATE = 3
+
+
+OUTCOMES: Final[dict[int, SettlementOutcome]] = {
+    Outcome.SETTLED: "settled",
+    Outcome.RELEASED: "released",
+    Outcome.LATE: "settled_late",
+}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _unlimited_as_none(value: int) -> int | None:
+    return None if value < 0 else int(value)
+
+
+def refusal(reply: Reply, account: str, reservation_id: str = "") -> RedCreditError | None:
+    """The error a refused reply stands for; ``None`` for success.
+
+    MISSING is not a refusal: the engine loads the account and calls again
+    before a reply reaches this function.
+    """
+    where = {"account": account, "reservation_id": reservation_id}
+    match reply[0]:
+        case Status.OK:
+            return None
+        case Status.NO_CREDITS:
+            return InsufficientCredits(account, int(reply[2]), int(reply[3]))
+        case Status.NO_CHAT:
+            return InsufficientChatMessages(account, int(reply[2]), int(reply[3]))
+        case Status.APPLIED_BEFORE:
+            return AlreadyApplied(account, int(reply[2]))
+        case Status.IDEM_CONFLICT:
+            return IdempotencyConflict(
+                f"idempotency key of account {account!r} was used for a different call"
+            )
+        case Status.OVERFLOW:
+            return BalanceOverflow(f"a balance of account {account!r} would pass {int(reply[2])}")
+        case Status.RATE_LIMITED:
+            return RateLimited(account, _text(reply[2]), int(reply[3]))
+        case Status.RES_NOT_FOUND:
+            return ReservationNotFound(
+                f"no reservation {reservation_id} for account {account!r} "
+                "(never made, or its record has expired)",
+                **where,
+            )
+        case Status.RES_LAPSED:
+            return ReservationLapsed(
+                f"reservation {reservation_id} of account {account!r} lapsed at "
+                f"{int(reply[2])} ms (server clock); pass allow_late=True to charge it anyway",
+                **where,
+            )
+        case Status.RES_CLOSED:
+            closed = OUTCOMES[int(reply[2])].replace("_", " ")
+            return ReservationClosed(
+                f"reservation {reservation_id} of account {account!r} is already {closed}",
+                **where,
+            )
+        case Status.RES_EXISTS:
+            return ReservationError(f"reservation id {reservation_id} is already in use", **where)
+    return RedCreditError(f"unexpected reply from Redis: {reply!r}")
+
+
+def limit_states(reply: Reply, start: int) -> tuple[LimitState, ...]:
+    """The limit states appended to a reply from ``start``, 7 values each."""
+    return tuple(
+        LimitState(
+            name=_text(reply[i]),
+            limit=int(reply[i + 1]),
+            window_s=int(reply[i + 2]),
+            remaining=int(reply[i + 3]),
+            reset_s=int(reply[i + 4]),
+            shadow=bool(reply[i + 5]),
+            would_refuse=bool(reply[i + 6]),
+        )
+        for i in range(start, len(reply), 7)
+    )
+
+
+# The parsers below read a successful reply; the layouts are in each script's header.
+
+
+def spend_result(reply: Reply, *, account: str) -> SpendResult:
+    """debit.lua: credits left, chat messages left, sequence, limit states."""
+    return SpendResult(
+        account,
+        _unlimited_as_none(reply[2]),
+        _unlimited_as_none(reply[3]),
+        int(reply[4]),
+        bool(reply[1]),
+        limit_states(reply, 5),
+    )
+
+
+def balance_change(reply: Reply, *, account: str) -> BalanceChange:
+    """adjust.lua: credits, chat messages, sequence."""
+    return BalanceChange(account, int(reply[2]), int(reply[3]), int(reply[4]), bool(reply[1]))
+
+
+def plan_change(reply: Reply, *, account: str, plan: str) -> PlanChange:
+    """set_plan.lua: sequence, previous plan."""
+    return PlanChange(account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
+
+
+def balance(reply: Reply, *, account: str) -> Balance:
+    """balance.lua: credits, chat, held, plan, sequence, bypass, server time, limit states."""
+    return Balance(
+        account=account,
+        credits=int(reply[2]),
+        chat_messages=int(reply[3]),
+        held=int(reply[4]),
+        plan=_text(reply[5]),
+        sequence=int(reply[6]),
+        unlimited=bool(reply[7]),
+        server_time_ms=int(reply[8]),
+        limits=limit_states(reply, 9),
+    )
+
+
+def reservation(reply: Reply, *, account: str, amount: int) -> Reservation:
+    """reserve.lua: deadline, sequence, reservation id, limit states."""
+    return Reservation(
+        account=account,
+        # A replay answers with the first call's id, not the one made for the retry.
+        id=_text(reply[4]),
+        amount=amount,
+        deadline_ms=int(reply[2]),
+        sequence=int(reply[3]),
+        replayed=bool(reply[1]),
+        limits=limit_states(reply, 5),
+    )
+
+
+def limit_reset(reply: Reply) -> int:
+    """reset_limits.lua: the number of limit states removed."""
+    return int(reply[2])
+
+
+def settlement(reply: Reply, *, account: str, reservation_id: str) -> Settlement:
+    """settle.lua: outcome, charged, uncharged, credits after, sequence."""
+    return Settlement(
+        account=account,
+        reservation_id=reservation_id,
+        outcome=OUTCOMES[int(reply[2])],
+        charged=int(reply[3]),
+        uncharged=int(reply[4]),
+        credits_remaining=_unlimited_as_none(reply[5]),
+        sequence=int(reply[6]),
+        replayed=bool(reply[1]),
+    )
+
+
+def reservation_extended(reply: Reply, *, account: str, reservation_id: str) -> Reservation:
+    """extend.lua: new deadline, sequence, amount held."""
+    return Reservation(
+        account=account,
+        id=reservation_id,
+        amount=int(reply[4]),
+        deadline_ms=int(reply[2]),
+        sequence=int(reply[3]),
+    )
