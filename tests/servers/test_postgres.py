@@ -230,7 +230,11 @@ def test_server_dies_with_the_process_that_started_it() -> None:
         """
     )
     try:
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        # Its TMPDIR too: a copy of the installation it makes for nobody stays behind.
+        env = {**os.environ, "TMPDIR": str(parent)}
+        child = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+        )
         assert child.stdout is not None
         with child.stdout:
             try:
