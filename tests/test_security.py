@@ -57,7 +57,8 @@ from redcredit.ledger.reconcile import reconcile, scan_accounts
 from redcredit.ledger.syncer import Syncer
 from redcredit.results import ReservationRef
 from redcredit.secrets import masked_url
-from redcredit.servers.redis import EmbeddedRedis, free_port
+from redcredit.servers.redis import EmbeddedRedis
+from redcredit.servers.spawn import free_port
 from tests.support.helpers import account_entries, snapshot
 from tests.support.netproxy import NetProxy
 

@@ -17,7 +17,7 @@ import psycopg
 
 from redcredit import RedCredit, Settings
 from redcredit.backends.migrate import migrate
-from redcredit.servers.redis import free_port
+from redcredit.servers.spawn import free_port
 
 from ..harness import Config, Op, Results, Servers, Setup, async_point, over_sockets
 

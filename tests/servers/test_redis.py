@@ -22,7 +22,9 @@ from redis.exceptions import RedisClusterException
 
 from redcredit.errors import EmbeddedServerError, RedCreditError
 from redcredit.servers import redis as embedded
-from redcredit.servers.redis import EmbeddedRedis, find_redis_server, free_port
+from redcredit.servers import spawn
+from redcredit.servers.redis import EmbeddedRedis, find_redis_server
+from redcredit.servers.spawn import free_port
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -180,9 +182,7 @@ def test_a_port_taken_before_the_bind_is_retried(
         squatter.listen()
         taken = squatter.getsockname()[1]
         ports = iter([taken])
-        monkeypatch.setattr(
-            embedded, "free_port", lambda **kw: next(ports, None) or free_port(**kw)
-        )
+        monkeypatch.setattr(spawn, "free_port", lambda **kw: next(ports, None) or free_port(**kw))
         server = redis_factory()
         assert server.port != taken
         assert server.running

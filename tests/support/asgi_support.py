@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 
 from redcredit import AsyncRedCredit, Settings
-from redcredit.servers.redis import free_port
+from redcredit.servers.spawn import free_port
 
 Build = Callable[[AsyncRedCredit], Any]
 
