@@ -21,7 +21,13 @@ from ..config import Settings
 from ..errors import BackendUnavailable, ConfigError, RedCreditError
 from ..secrets import check_redis_url, masked_url
 
-__all__ = ["connection_options", "redis_errors_translated", "require_url", "translated"]
+__all__ = [
+    "connection_options",
+    "redis_errors_translated",
+    "refused_by_redis",
+    "require_url",
+    "translated",
+]
 
 # The query options of a rediss:// URL that name files (redis-py reads them as given).
 _TLS_FILES: Final = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
@@ -110,6 +116,15 @@ def translated(error: RedisError) -> RedCreditError:
     if isinstance(error, RedisConnectionError):
         return BackendUnavailable(f"Redis is unreachable: {error}")
     return RedCreditError(f"Redis refused the call: {error}")
+
+
+def refused_by_redis(error: BaseException) -> bool:
+    """Whether ``error`` is Redis answering with an error (OOM, READONLY after a failover...).
+
+    Redis was reached and refused for now: for a holder or the gate, an
+    outage like one it cannot reach, and not a reason to stop.
+    """
+    return isinstance(error, RedCreditError) and isinstance(error.__cause__, RedisError)
 
 
 @contextmanager

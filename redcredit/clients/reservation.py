@@ -16,10 +16,10 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol
 
-from redis.exceptions import RedisError
 from typing_extensions import TypeVar
 
 from .. import validation as v
+from ..backends.redis import refused_by_redis
 from ..errors import BackendUnavailable, InvalidInput, RedCreditError, ReservationError
 from ..results import Reservation, Settlement
 
@@ -112,9 +112,7 @@ def keep_renewing(exc: Exception, lease: Lease[Any]) -> bool:
     if isinstance(exc, ReservationError):
         log.warning("reservation %s can no longer be renewed: %s", held, exc)
         return False
-    if isinstance(exc, BackendUnavailable) or (
-        isinstance(exc, RedCreditError) and isinstance(exc.__cause__, RedisError)
-    ):
+    if isinstance(exc, BackendUnavailable) or refused_by_redis(exc):
         log.warning("renewing reservation %s failed, will retry: %s", held, exc)
         return True
     # Logged, not raised: the holder's own work must not fail for it, and the

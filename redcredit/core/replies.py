@@ -103,10 +103,10 @@ def refusal(reply: Reply, account: str, reservation_id: str = "") -> RedCreditEr
     MISSING is not a refusal: the engine loads the account and calls again
     before a reply reaches this function.
     """
+    if reply[0] == Status.OK:
+        return None
     where = {"account": account, "reservation_id": reservation_id}
     match reply[0]:
-        case Status.OK:
-            return None
         case Status.NO_CREDITS:
             return InsufficientCredits(account, int(reply[2]), int(reply[3]))
         case Status.NO_CHAT:

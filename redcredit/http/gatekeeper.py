@@ -15,9 +15,8 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from redis.exceptions import RedisError
-
 from .. import validation as v
+from ..backends.redis import refused_by_redis
 from ..errors import (
     AlreadyApplied,
     BackendUnavailable,
@@ -156,7 +155,7 @@ class Gatekeeper:
             self.breaker.record_failure()
             raise
         except RedCreditError as exc:
-            if isinstance(exc.__cause__, RedisError):
+            if refused_by_redis(exc):
                 # OOM, READONLY after a failover and the like: no decision can be made.
                 self.breaker.record_failure()
                 raise BackendUnavailable(f"Redis refused the call: {exc}") from exc
