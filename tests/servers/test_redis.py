@@ -416,3 +416,12 @@ def test_a_dropped_server_is_stopped() -> None:
     assert _refused(port)
     assert _gone(pid)
     assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    ("cluster", "slots"),
+    [(False, range(0, 10)), (True, range(0)), (True, range(0, 16385)), (True, range(0, 10, 2))],
+)
+def test_cluster_slots_must_be_a_real_share_of_a_cluster(cluster: bool, slots: range) -> None:
+    with pytest.raises(EmbeddedServerError, match="cluster_slots"):
+        EmbeddedRedis(cluster=cluster, cluster_slots=slots)
