@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     Field,
@@ -55,6 +55,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -83,6 +84,7 @@ _DURATIONS: Final = (
     "idempotency_window",
     "redis_socket_timeout",
     "redis_connect_timeout",
+    "redis_retry_deadline",
     "database_timeout",
     "durability_timeout",
     "sync_interval",
@@ -129,6 +131,12 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = None
+    # A Redis Cluster, or one server: "auto" asks the server on first use.
+    # redis_url is then any node; redis_seed_nodes ("host:port") are more
+    # nodes to start from, with the URL's credentials and TLS settings.
+    redis_cluster: Literal["auto"] | bool = "auto"
+    # NoDecode: the environment's value is read by the validator, JSON or not.
+    redis_seed_nodes: Annotated[tuple[str, ...], NoDecode] = ()
     key_prefix: str = "rc"
     # Fixed for the life of a deployment: changing it moves accounts to other keys.
     partitions: int = Field(default=64, ge=64, le=16384)
@@ -147,6 +155,11 @@ class Settings(BaseSettings):
     redis_socket_timeout: timedelta = timedelta(seconds=2)
     redis_connect_timeout: timedelta = timedelta(seconds=1)
     redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    # How long a call follows redirects and waits out refusals that ran
+    # nothing (TRYAGAIN and CLUSTERDOWN during a reshard or a failover, a
+    # node that cannot be connected to) before it fails. A call that may
+    # have run is never re-sent, whatever this says.
+    redis_retry_deadline: timedelta = timedelta(seconds=1)
     # The async client sends concurrent calls together, up to this many per
     # round trip; 1 turns the coalescing off.
     pipeline_max_batch: int = Field(default=128, ge=1, le=10_000)
@@ -268,6 +281,36 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_readable(cls, value: str | None) -> str | None:
         return None if value is None else _value_error(check_redis_url, value)
+
+    @field_validator("redis_cluster", mode="before")
+    @classmethod
+    def _cluster_choice(cls, value: Any) -> Any:
+        text = value.strip().lower() if isinstance(value, str) else value
+        choices = {"auto": "auto", "true": True, "false": False, "1": True, "0": False}
+        if isinstance(value, bool) or text in choices:
+            return value if isinstance(value, bool) else choices[text]
+        raise ValueError(f"redis_cluster must be auto, true or false, not {v.short_repr(value)}")
+
+    @field_validator("redis_seed_nodes", mode="before")
+    @classmethod
+    def _seed_list(cls, value: Any) -> Any:
+        # From the environment: a JSON list, or "host:port,host:port".
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"redis_seed_nodes: {exc}") from exc
+        if isinstance(value, str):
+            value = [part for part in (p.strip() for p in value.split(",")) if part]
+        if not isinstance(value, list | tuple):
+            raise ValueError(
+                f"redis_seed_nodes must be a list of host:port, not {v.short_repr(value)}"
+            )
+        for node in value:
+            host, _, port = str(node).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"redis_seed_nodes: {v.short_repr(node)} is not host:port")
+        return tuple(str(node) for node in value)
 
     @field_validator("database_url")
     @classmethod

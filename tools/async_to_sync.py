@@ -27,37 +27,19 @@ HEADER = (
 )
 
 RULES: list[tuple[str, str]] = [
-    # The sync client makes one call per round trip: no coalescing.
-    ("from ..backends.coalesce import Coalescer\n", ""),
-    (
-        "        # Concurrent calls share round trips (see backends/coalesce.py); a cluster\n"
-        "        # client routes each call to its own node instead.\n"
-        "        self._coalescer = (\n"
-        "            Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)\n"
-        "            if isinstance(self.redis, redis.asyncio.Redis)"
-        " and self.settings.pipeline_max_batch > 1\n"
-        "            else None\n"
-        "        )\n",
-        "",
-    ),
-    (
-        "        if self._coalescer is not None:\n"
-        "            return await self._coalescer.run(call)\n",
-        "",
-    ),
     (
         "import redis.asyncio\nimport redis.asyncio.cluster\n",
         "import redis\nimport redis.cluster\n",
     ),
     ("redis.asyncio.cluster.RedisCluster", "redis.cluster.RedisCluster"),
     ("redis.asyncio.Redis", "redis.Redis"),
-    ("async_client", "sync_client"),
     ("AsyncReservationBlock", "ReservationBlock"),
     ("AsyncRedCredit", "RedCredit"),
     ("AsyncAccountLoader", "AccountLoader"),
     ("AsyncDefaultsLoader", "DefaultsLoader"),
     ("AsyncPostgresLoader", "PostgresLoader"),
-    ("await self.redis.aclose()", "self.redis.close()"),
+    ("AsyncTopology", "Topology"),
+    ("concurrent ones pipelined\n        # per node", "one round trip\n        # per call"),
     ("async def __aenter__", "def __enter__"),
     ("async def __aexit__", "def __exit__"),
     ("await self.close()", "self.close()"),

@@ -13,31 +13,23 @@ round trip once per batch instead of once per call.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio
-from redis.exceptions import NoScriptError, ResponseError
-
 from ..core.engine import ScriptCall
-from .redis import redis_errors_translated, translated
-from .resp import encode_eval, encode_evalsha
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "Send"]
 
-
-def _translated_reply(error: ResponseError) -> Exception:
-    # Chained as a raise ... from would: callers tell a Redis that refuses
-    # (OOM, READONLY) from other errors by the cause.
-    reply = translated(error)
-    reply.__cause__ = error
-    return reply
+# One round trip for the calls given, to one node: a reply per call, error
+# replies as exception objects (see backends/channel.py).
+Send = Callable[[list[ScriptCall]], Awaitable[list[Any]]]
 
 
 class Coalescer:
-    def __init__(
-        self, client: redis.asyncio.Redis, *, max_batch: int = 128, max_in_flight: int = 4
-    ) -> None:
-        self._client = client
+    """Batches the calls for one node; replies are handed back as they came."""
+
+    def __init__(self, send: Send, *, max_batch: int = 128, max_in_flight: int = 4) -> None:
+        self._send = send
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
@@ -48,12 +40,15 @@ class Coalescer:
         self.calls = 0
 
     async def run(self, call: ScriptCall) -> Any:
+        """The call's reply (an error reply as an exception object, not raised)."""
         if not self._queue and self._in_flight < self._max_in_flight:
             # Nothing waiting: this call goes out at once, from the caller's own
             # task, so cancelling the caller cancels nobody else's call.
             self._in_flight += 1
             try:
-                return await self._alone(call)
+                self.round_trips += 1
+                self.calls += 1
+                return (await self._send([call]))[0]
             finally:
                 self._in_flight -= 1
                 self._hand_off()
@@ -81,33 +76,11 @@ class Coalescer:
         finally:
             self._in_flight -= 1
 
-    async def _alone(self, call: ScriptCall) -> Any:
-        self.round_trips += 1
-        self.calls += 1
-        with redis_errors_translated():
-            reply = (await self._on_connection([call]))[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    async def _on_connection(self, calls: list[ScriptCall]) -> list[Any]:
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            return await self._round_trip(connection, calls)
-        except BaseException:
-            # A reply may be half read: the connection cannot be reused.
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
-
     async def _execute(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
         self.round_trips += 1
         self.calls += len(batch)
         try:
-            with redis_errors_translated():
-                replies = await self._on_connection([call for call, _ in batch])
+            replies = await self._send([call for call, _ in batch])
         except BaseException as exc:
             # The connection failed: every call of the batch shares the outcome.
             for _call, future in batch:
@@ -117,39 +90,5 @@ class Coalescer:
                 raise
             return
         for (_call, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # the caller was cancelled
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
+            if not future.done():  # else the caller was cancelled
                 future.set_result(reply)
-
-    async def _round_trip(self, connection: Any, calls: list[ScriptCall]) -> list[Any]:
-        await connection.send_packed_command(
-            b"".join(encode_evalsha(c.script.sha, c.keys, c.args) for c in calls),
-            check_health=False,
-        )
-        replies: list[Any] = []
-        retry: list[int] = []
-        for index in range(len(calls)):
-            try:
-                replies.append(await connection.read_response())
-            except NoScriptError:
-                replies.append(None)
-                retry.append(index)
-            except ResponseError as exc:
-                replies.append(_translated_reply(exc))
-        if retry:
-            # After a restart or SCRIPT FLUSH: EVAL runs the script and caches it again.
-            await connection.send_packed_command(
-                b"".join(
-                    encode_eval(calls[i].script.source, calls[i].keys, calls[i].args) for i in retry
-                ),
-                check_health=False,
-            )
-            for index in retry:
-                try:
-                    replies[index] = await connection.read_response()
-                except ResponseError as exc:
-                    replies[index] = _translated_reply(exc)
-        return replies

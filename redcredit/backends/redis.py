@@ -27,6 +27,7 @@ __all__ = [
     "refused_by_redis",
     "require_url",
     "translated",
+    "url_options",
 ]
 
 # The query options of a rediss:// URL that name files (redis-py reads them as given).
@@ -53,6 +54,15 @@ def connection_options(settings: Settings) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "health_check_interval": 30,
     }
+
+
+def url_options(url: object, *, asyncio_: bool) -> dict[str, Any]:
+    """The connection options a Redis URL gives (host, port, credentials, TLS), checked."""
+    _check_tls(url)
+    with _url_checked(url):
+        assert isinstance(url, str)
+        parse = redis.asyncio.connection.parse_url if asyncio_ else redis.connection.parse_url
+        return dict(parse(url))
 
 
 def sync_client(settings: Settings, url: str) -> redis.Redis:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["encode_eval", "encode_evalsha"]
+__all__ = ["encode_command", "encode_eval", "encode_evalsha"]
 
 
 # Most arguments repeat from call to call (the plan rules, the bypass list,
@@ -42,3 +42,8 @@ def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[str | int]) -> 
 
 def encode_eval(source: bytes, keys: Sequence[str], args: Sequence[str | int]) -> bytes:
     return _command((b"EVAL", source), keys, args)
+
+
+def encode_command(*parts: str | int) -> bytes:
+    """Any other command of a script's round trip: ASKING before it, WAIT or WAITAOF after."""
+    return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import redis.asyncio
 import redis.asyncio.cluster
-from redis.exceptions import NoScriptError
 
-from ..backends.coalesce import Coalescer
 from ..backends.postgres_loader import AsyncPostgresLoader
-from ..backends.redis import async_client, redis_errors_translated, require_url
+from ..backends.topology import AsyncTopology
 from ..config import Settings
 from ..core.engine import (
     Engine,
@@ -24,7 +22,6 @@ from ..core.engine import (
     Operation,
     ReservationLike,
     ScriptCall,
-    check_durable,
 )
 from ..core.loader import AsyncAccountLoader, AsyncDefaultsLoader
 from ..errors import ConfigError
@@ -60,39 +57,34 @@ class AsyncRedCredit:
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self.engine = Engine(self.settings)
-        if redis_client is None or isinstance(redis_client, str):
-            url = redis_client if redis_client is not None else require_url(self.settings)
-            self.redis: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster = async_client(
-                self.settings, url
-            )
-            self._owns_redis = True
-        elif isinstance(redis_client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
-            self.redis = redis_client
-            self._owns_redis = False
-        else:
+        if not isinstance(
+            redis_client, (str, redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster, type(None))
+        ):
             raise ConfigError(
                 f"redis_client must be a URL or a Redis client, not {type(redis_client).__name__}"
             )
+        # Scripts go to the node owning their keys, concurrent ones pipelined
+        # per node (see backends/topology.py); a client passed in lends its
+        # connections (one server) or its nodes and credentials (a cluster).
+        self.topology = AsyncTopology(self.settings, redis_client)
+        self._given = None if isinstance(redis_client, str) else redis_client
         if loader is not None and not callable(getattr(loader, "load", None)):
             raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
-        # Concurrent calls share round trips (see backends/coalesce.py); a cluster
-        # client routes each call to its own node instead.
-        self._coalescer = (
-            Coalescer(self.redis, max_batch=self.settings.pipeline_max_batch)
-            if isinstance(self.redis, redis.asyncio.Redis) and self.settings.pipeline_max_batch > 1
-            else None
-        )
         # Without a loader, accounts come from PostgreSQL when one is configured.
         self._owned_loader: AsyncPostgresLoader | None = None
         if loader is None and self.settings.database_url is not None:
             self._owned_loader = loader = AsyncPostgresLoader(self.settings)
         self.loader = loader if loader is not None else AsyncDefaultsLoader(self.settings)
 
+    @property
+    def redis(self) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+        """A redis-py client of the same Redis, for commands of your own."""
+        return self._given if self._given is not None else self.topology.generic()
+
     async def close(self) -> None:
         if self._owned_loader is not None:
             await self._owned_loader.close()
-        if self._owns_redis:
-            await self.redis.aclose()
+        await self.topology.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -108,49 +100,12 @@ class AsyncRedCredit:
             step = next(operation)
             while True:
                 if isinstance(step, ScriptCall):
-                    step = operation.send(await self._evalsha(step))
+                    step = operation.send(await self.topology.run_script(step))
                 else:
                     step = operation.send(await self._load(step))
         except StopIteration as finished:
             result: T = finished.value
             return result
-
-    async def _evalsha(self, call: ScriptCall) -> Any:
-        if call.wait is not None:
-            return await self._evalsha_durable(call)
-        if self._coalescer is not None:
-            return await self._coalescer.run(call)
-        with redis_errors_translated():
-            try:
-                return await self.redis.evalsha(
-                    call.script.sha, len(call.keys), *call.keys, *call.args
-                )
-            except NoScriptError:
-                # After a restart, failover or SCRIPT FLUSH: EVAL runs the script
-                # and caches it again in one step, so no flush in between can
-                # make this call fail.
-                return await self.redis.eval(
-                    call.script.source.decode(), len(call.keys), *call.keys, *call.args
-                )
-
-    async def _evalsha_durable(self, call: ScriptCall) -> Any:
-        """The script and its WAITAOF / WAIT in one round trip."""
-        wait = call.wait or ()
-        with redis_errors_translated():
-            pipe = cast(Any, self.redis.pipeline(transaction=False))
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            pipe.execute_command(*wait)
-            reply, acknowledged = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
-                pipe = cast(Any, self.redis.pipeline(transaction=False))
-                pipe.eval(call.script.source.decode(), len(call.keys), *call.keys, *call.args)
-                pipe.execute_command(*wait)
-                reply, acknowledged = await pipe.execute(raise_on_error=False)
-            for result in (reply, acknowledged):
-                if isinstance(result, Exception):
-                    raise result
-        check_durable(call, reply, acknowledged)
-        return reply
 
     async def _load(self, step: LoadAccount) -> Any:
         return await self.loader.load(step.account)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import redis
 import redis.cluster
-from redis.exceptions import NoScriptError
 
 from ..backends.postgres_loader import PostgresLoader
-from ..backends.redis import redis_errors_translated, require_url, sync_client
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.engine import (
     Engine,
@@ -23,7 +22,6 @@ from ..core.engine import (
     Operation,
     ReservationLike,
     ScriptCall,
-    check_durable,
 )
 from ..core.loader import AccountLoader, DefaultsLoader
 from ..errors import ConfigError
@@ -59,17 +57,15 @@ class RedCredit:
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self.engine = Engine(self.settings)
-        if redis_client is None or isinstance(redis_client, str):
-            url = redis_client if redis_client is not None else require_url(self.settings)
-            self.redis: redis.Redis | redis.cluster.RedisCluster = sync_client(self.settings, url)
-            self._owns_redis = True
-        elif isinstance(redis_client, (redis.Redis, redis.cluster.RedisCluster)):
-            self.redis = redis_client
-            self._owns_redis = False
-        else:
+        if not isinstance(redis_client, (str, redis.Redis, redis.cluster.RedisCluster, type(None))):
             raise ConfigError(
                 f"redis_client must be a URL or a Redis client, not {type(redis_client).__name__}"
             )
+        # Scripts go to the node owning their keys, one round trip
+        # per call (see backends/topology.py); a client passed in lends its
+        # connections (one server) or its nodes and credentials (a cluster).
+        self.topology = Topology(self.settings, redis_client)
+        self._given = None if isinstance(redis_client, str) else redis_client
         if loader is not None and not callable(getattr(loader, "load", None)):
             raise ConfigError(f"loader must have a load(account) method: {type(loader).__name__}")
         # Without a loader, accounts come from PostgreSQL when one is configured.
@@ -78,11 +74,15 @@ class RedCredit:
             self._owned_loader = loader = PostgresLoader(self.settings)
         self.loader = loader if loader is not None else DefaultsLoader(self.settings)
 
+    @property
+    def redis(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """A redis-py client of the same Redis, for commands of your own."""
+        return self._given if self._given is not None else self.topology.generic()
+
     def close(self) -> None:
         if self._owned_loader is not None:
             self._owned_loader.close()
-        if self._owns_redis:
-            self.redis.close()
+        self.topology.close()
 
     def __enter__(self) -> Self:
         return self
@@ -98,45 +98,12 @@ class RedCredit:
             step = next(operation)
             while True:
                 if isinstance(step, ScriptCall):
-                    step = operation.send(self._evalsha(step))
+                    step = operation.send(self.topology.run_script(step))
                 else:
                     step = operation.send(self._load(step))
         except StopIteration as finished:
             result: T = finished.value
             return result
-
-    def _evalsha(self, call: ScriptCall) -> Any:
-        if call.wait is not None:
-            return self._evalsha_durable(call)
-        with redis_errors_translated():
-            try:
-                return self.redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            except NoScriptError:
-                # After a restart, failover or SCRIPT FLUSH: EVAL runs the script
-                # and caches it again in one step, so no flush in between can
-                # make this call fail.
-                return self.redis.eval(
-                    call.script.source.decode(), len(call.keys), *call.keys, *call.args
-                )
-
-    def _evalsha_durable(self, call: ScriptCall) -> Any:
-        """The script and its WAITAOF / WAIT in one round trip."""
-        wait = call.wait or ()
-        with redis_errors_translated():
-            pipe = cast(Any, self.redis.pipeline(transaction=False))
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            pipe.execute_command(*wait)
-            reply, acknowledged = pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
-                pipe = cast(Any, self.redis.pipeline(transaction=False))
-                pipe.eval(call.script.source.decode(), len(call.keys), *call.keys, *call.args)
-                pipe.execute_command(*wait)
-                reply, acknowledged = pipe.execute(raise_on_error=False)
-            for result in (reply, acknowledged):
-                if isinstance(result, Exception):
-                    raise result
-        check_durable(call, reply, acknowledged)
-        return reply
 
     def _load(self, step: LoadAccount) -> Any:
         return self.loader.load(step.account)

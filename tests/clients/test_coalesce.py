@@ -11,8 +11,7 @@ from redcredit import AsyncRedCredit, InsufficientCredits, Settings
 
 async def test_concurrent_calls_share_round_trips(arc: AsyncRedCredit) -> None:
     await arc.grant("shared-trip", 900)
-    coalescer = arc._coalescer
-    assert coalescer is not None
+    (coalescer,) = arc.topology.coalescers.values()  # one server: one node
     before_trips, before_calls = coalescer.round_trips, coalescer.calls
     results = await asyncio.gather(*(arc.spend("shared-trip", cost=1) for _ in range(200)))
     trips = coalescer.round_trips - before_trips
@@ -50,8 +49,8 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(arc: AsyncRedCredi
 async def test_coalescing_can_be_turned_off(settings: Settings) -> None:
     plain = settings.model_copy(update={"pipeline_max_batch": 1})
     async with AsyncRedCredit(settings=plain) as client:
-        assert client._coalescer is None
         results = await asyncio.gather(*(client.spend("solo", cost=1) for _ in range(10)))
+        assert not client.topology.coalescers
     assert sorted(r.credits_remaining for r in results) == list(range(90, 100))
 
 

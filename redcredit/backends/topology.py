@@ -1,0 +1,477 @@
+"""Routing script calls to the node that owns their keys: one Redis, or a Redis Cluster.
+
+The same router serves both: a single node is a cluster whose every slot is
+one address. Whether the server is a cluster is configured
+(``redis_cluster``) or, by default, asked of the server on first use; the
+slot map is read before the first call goes out, so a cold client with many
+callers sends none of them to the wrong node.
+
+Calls are never re-sent once they may have run (see :mod:`.channel`). What
+is followed or retried, within ``redis_retry_deadline``: MOVED (the map is
+updated), ASK (the importing node is asked, once per redirect), TRYAGAIN,
+CLUSTERDOWN and READONLY (the node refused before running anything), and a
+node that could not be connected to (nothing was sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.exceptions import MovedError, RedisError
+
+from ..config import Settings
+from ..core.engine import ScriptCall, check_durable
+from ..errors import ConfigError, RedCreditError
+from .channel import NotSent, round_trip, round_trip_async
+from .coalesce import Coalescer
+from .redis import connection_options, require_url, translated, url_options
+from .slots import Address, Next, SlotMap, next_step, redirect_target, slot_of
+
+__all__ = ["AsyncTopology", "Topology"]
+
+# A slot moved by a reshard is followed at once; a loop of redirects is a bug.
+_MAX_REDIRECTS: Final = 16
+_FIRST_PAUSE_S: Final = 0.01
+_LONGEST_PAUSE_S: Final = 0.2
+# A full re-read of the map after a MOVED, at most this often: a reshard sends
+# many at once.
+_REFRESH_EVERY_S: Final = 0.1
+
+Source = str | redis.Redis | redis.cluster.RedisCluster | None
+AsyncSource = str | redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | None
+
+
+class _Plan:
+    """What the router was given: how to connect, where to start, and the mode."""
+
+    def __init__(self, settings: Settings, source: Any) -> None:
+        self.settings = settings
+        self.mode: str = _mode(settings.redis_cluster)
+        self.shared_pool: Any = None  # a standalone client's pool, the user's
+        self.kwargs: dict[str, Any] = {}
+        self.seeds: list[Address] = []
+        self.url: str | None = None
+        if source is None or isinstance(source, str):
+            self.url = url = source if source is not None else require_url(settings)
+            self.kwargs = url_options(url, asyncio_=self._asyncio)
+            self.seeds = [self._own_address(self.kwargs)]
+            self.seeds += [_host_port(node) for node in settings.redis_seed_nodes]
+            if "path" in self.kwargs:  # a unix socket: one server, never a cluster
+                self.mode = "standalone"
+        elif _is_cluster_client(source):
+            self.mode = "cluster"
+            manager = source.nodes_manager
+            self.kwargs = {
+                k: v for k, v in manager.connection_kwargs.items() if k not in ("host", "port")
+            }
+            self.seeds = [(node.host, int(node.port)) for node in manager.startup_nodes.values()]
+        else:
+            self.mode = "standalone"
+            self.shared_pool = source.connection_pool
+            self.seeds = [self._own_address(source.connection_pool.connection_kwargs)]
+
+    _asyncio = False
+
+    @staticmethod
+    def _own_address(kwargs: dict[str, Any]) -> Address:
+        if "path" in kwargs:
+            return (f"unix:{kwargs['path']}", 0)
+        host = kwargs.get("host", "localhost")
+        port = int(kwargs.get("port", 6379))
+        return (str(host), port)
+
+    def pool_options(self, address: Address) -> dict[str, Any]:
+        options = {**connection_options(self.settings), **self.kwargs}
+        options.pop("retry", None)
+        if "path" not in options:
+            options["host"], options["port"] = address
+        return options
+
+
+class _AsyncPlan(_Plan):
+    _asyncio = True
+
+
+class Topology:
+    """The synchronous router, for the sync client, the syncer and the commands."""
+
+    def __init__(self, settings: Settings, source: Source = None) -> None:
+        self._plan = _Plan(settings, source)
+        self._deadline_s = settings.redis_retry_deadline.total_seconds()
+        self._pools: dict[Address, redis.ConnectionPool] = {}
+        self._map: SlotMap | None = None
+        self._stale = False
+        self._refreshed_at = 0.0
+        self._lock = threading.Lock()
+        self._generic: redis.Redis | redis.cluster.RedisCluster | None = None
+
+    # -- the map -----------------------------------------------------------------------
+
+    @property
+    def is_cluster(self) -> bool:
+        self.slot_map()
+        return self._plan.mode == "cluster"
+
+    def slot_map(self) -> SlotMap:
+        """The current map, read from the server first if need be (NotSent if unreachable)."""
+        current = self._map
+        if current is not None and not self._stale:
+            return current
+        with self._lock:
+            if self._map is None or self._stale:
+                self._load()
+        assert self._map is not None
+        return self._map
+
+    def refresh(self) -> SlotMap:
+        self._stale = True
+        return self.slot_map()
+
+    def _load(self) -> None:
+        error: RedisError | OSError | None = None
+        for address in _candidates(self._plan.seeds, self._map):
+            try:
+                client = self.client(address)
+                if self._plan.mode == "auto":
+                    _decide(self._plan, client.info("cluster"))
+                slots = None
+                if self._plan.mode == "cluster":
+                    slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                self._map = _map_from(address, slots)
+            except (RedisError, OSError) as exc:
+                error = exc
+                continue
+            self._stale = False
+            self._refreshed_at = time.monotonic()
+            return
+        raise NotSent(error if error is not None else RedisError("no Redis node to ask"))
+
+    def pool(self, address: Address) -> redis.ConnectionPool:
+        if self._plan.shared_pool is not None:
+            return self._plan.shared_pool  # type: ignore[no-any-return]
+        pool = self._pools.get(address)
+        if pool is None:
+            settings = self._plan.settings
+            pool = self._pools.setdefault(
+                address,
+                redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+                    max_connections=settings.redis_max_connections,
+                    timeout=settings.redis_connect_timeout.total_seconds(),
+                    **self._plan.pool_options(address),
+                ),
+            )
+        return pool
+
+    def client(self, address: Address) -> redis.Redis:
+        """A plain client of one node, for commands other than scripts."""
+        return redis.Redis(connection_pool=self.pool(address))
+
+    def node_of(self, key: str) -> Address:
+        return self.slot_map().owner(slot_of(key))
+
+    def primaries(self) -> list[Address]:
+        return self.slot_map().primaries
+
+    def generic(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """A redis-py client for any other command: plain for one node, cluster-aware for many."""
+        if self._generic is None:
+            if self.is_cluster:
+                self._generic = redis.cluster.RedisCluster(
+                    startup_nodes=[
+                        redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                        for h, p in self.primaries()
+                    ],
+                    **_cluster_options(self._plan.pool_options(self.primaries()[0])),
+                )
+            else:
+                self._generic = self.client(self.primaries()[0])
+        return self._generic
+
+    # -- script calls ------------------------------------------------------------------
+
+    def run_script(self, call: ScriptCall) -> Any:
+        """The call's reply, from the node owning its keys; raises a redcredit error."""
+        slot = slot_of(call.keys[0])
+        deadline = time.monotonic() + self._deadline_s
+        asking: Address | None = None
+        redirects = 0
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                node = asking or self.slot_map().owner(slot)
+                reply = round_trip(self.pool(node), [call], asking=asking is not None)[0]
+            except NotSent as exc:
+                self._stale = True
+                if time.monotonic() + pause < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, _LONGEST_PAUSE_S)
+                    continue
+                raise translated(exc.error) from exc.error
+            except RedisError as exc:
+                # Sent, and then the connection failed: it may have run. Not
+                # re-sent; the node may be gone, so the map is read again.
+                self._stale = True
+                raise translated(exc) from exc
+            step = next_step(reply)
+            if step is Next.DONE:
+                return _result(self._plan.mode, call, reply)
+            redirects += 1
+            if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
+                return _result(self._plan.mode, call, reply)
+            asking = None
+            if step is Next.MOVED:
+                self._moved(slot, redirect_target(reply))
+            elif step is Next.ASK:
+                asking = redirect_target(reply)
+            else:
+                self._stale = True
+                time.sleep(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE_S)
+
+    def _moved(self, slot: int, address: Address) -> None:
+        if self._map is not None:
+            self._map.moved(slot, address)
+        if time.monotonic() - self._refreshed_at > _REFRESH_EVERY_S:
+            self._stale = True
+
+    def close(self) -> None:
+        if isinstance(self._generic, redis.cluster.RedisCluster):
+            self._generic.close()
+        for pool in self._pools.values():
+            pool.disconnect()
+        self._pools.clear()
+
+
+class AsyncTopology:
+    """The asyncio router: concurrent calls are pipelined per node (see :mod:`.coalesce`)."""
+
+    def __init__(self, settings: Settings, source: AsyncSource = None) -> None:
+        self._plan = _AsyncPlan(settings, source)
+        self._deadline_s = settings.redis_retry_deadline.total_seconds()
+        self._max_batch = settings.pipeline_max_batch
+        self._pools: dict[Address, redis.asyncio.ConnectionPool] = {}
+        self._coalescers: dict[Address, Coalescer] = {}
+        self._map: SlotMap | None = None
+        self._stale = False
+        self._refreshed_at = 0.0
+        self._loading: asyncio.Future[None] | None = None
+        self._generic: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | None = None
+
+    @property
+    def is_cluster(self) -> bool | None:
+        """None until the server was asked (``redis_cluster = "auto"``)."""
+        return None if self._plan.mode == "auto" else self._plan.mode == "cluster"
+
+    async def slot_map(self) -> SlotMap:
+        current = self._map
+        if current is not None and not self._stale:
+            return current
+        # One read for every caller waiting, and all of them resume together
+        # (a lock would let them out one by one, each alone in its round trip).
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._loading)
+        assert self._map is not None
+        return self._map
+
+    async def _load(self) -> None:
+        error: RedisError | OSError | None = None
+        for address in _candidates(self._plan.seeds, self._map):
+            client = redis.asyncio.Redis(connection_pool=self.pool(address))
+            try:
+                if self._plan.mode == "auto":
+                    _decide(self._plan, await client.info("cluster"))
+                slots = None
+                if self._plan.mode == "cluster":
+                    slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                self._map = _map_from(address, slots)
+            except (RedisError, OSError) as exc:
+                error = exc
+                continue
+            self._stale = False
+            self._refreshed_at = time.monotonic()
+            return
+        raise NotSent(error if error is not None else RedisError("no Redis node to ask"))
+
+    def pool(self, address: Address) -> redis.asyncio.ConnectionPool:
+        if self._plan.shared_pool is not None:
+            return self._plan.shared_pool  # type: ignore[no-any-return]
+        pool = self._pools.get(address)
+        if pool is None:
+            settings = self._plan.settings
+            pool = self._pools.setdefault(
+                address,
+                redis.asyncio.BlockingConnectionPool(
+                    max_connections=settings.redis_max_connections,
+                    timeout=settings.redis_connect_timeout.total_seconds(),
+                    **self._plan.pool_options(address),
+                ),
+            )
+        return pool
+
+    def _coalescer(self, address: Address) -> Coalescer:
+        coalescer = self._coalescers.get(address)
+        if coalescer is None:
+            pool = self.pool(address)
+
+            async def send(calls: list[ScriptCall]) -> list[Any]:
+                return await round_trip_async(pool, calls)
+
+            coalescer = self._coalescers.setdefault(
+                address, Coalescer(send, max_batch=self._max_batch)
+            )
+        return coalescer
+
+    @property
+    def coalescers(self) -> dict[Address, Coalescer]:
+        return self._coalescers
+
+    def generic(self) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+        """A redis-py client for any other command: plain for one node, cluster-aware for many.
+
+        Under ``redis_cluster = "auto"`` the server is asked first, once, with a
+        short blocking call: this is for tests and admin code, not the hot path.
+        """
+        if self._generic is None:
+            if self._plan.mode == "auto":
+                probe = Topology(self._plan.settings, self._plan.url)
+                try:
+                    self._plan.mode = "cluster" if probe.is_cluster else "standalone"
+                except NotSent as exc:
+                    raise translated(exc.error) from exc.error
+                finally:
+                    probe.close()
+            seed = self._plan.seeds[0]
+            if self._plan.mode == "cluster":
+                self._generic = redis.asyncio.cluster.RedisCluster(
+                    startup_nodes=[
+                        redis.asyncio.cluster.ClusterNode(h, p) for h, p in self._plan.seeds
+                    ],
+                    **_cluster_options(self._plan.pool_options(seed)),
+                )
+            else:
+                self._generic = redis.asyncio.Redis(connection_pool=self.pool(seed))
+        return self._generic
+
+    async def run_script(self, call: ScriptCall) -> Any:
+        slot = slot_of(call.keys[0])
+        deadline = time.monotonic() + self._deadline_s
+        asking: Address | None = None
+        redirects = 0
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                node = asking or (await self.slot_map()).owner(slot)
+                if asking is not None:
+                    reply = (await round_trip_async(self.pool(node), [call], asking=True))[0]
+                elif self._max_batch > 1:
+                    reply = await self._coalescer(node).run(call)
+                else:
+                    reply = (await round_trip_async(self.pool(node), [call]))[0]
+            except NotSent as exc:
+                self._stale = True
+                if time.monotonic() + pause < deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _LONGEST_PAUSE_S)
+                    continue
+                raise translated(exc.error) from exc.error
+            except RedisError as exc:
+                self._stale = True
+                raise translated(exc) from exc
+            step = next_step(reply)
+            if step is Next.DONE:
+                return _result(self._plan.mode, call, reply)
+            redirects += 1
+            if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
+                return _result(self._plan.mode, call, reply)
+            asking = None
+            if step is Next.MOVED:
+                self._moved(slot, redirect_target(reply))
+            elif step is Next.ASK:
+                asking = redirect_target(reply)
+            else:
+                self._stale = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE_S)
+
+    def _moved(self, slot: int, address: Address) -> None:
+        if self._map is not None:
+            self._map.moved(slot, address)
+        if time.monotonic() - self._refreshed_at > _REFRESH_EVERY_S:
+            self._stale = True
+
+    async def close(self) -> None:
+        if self._generic is not None and self._plan.shared_pool is None:
+            await self._generic.aclose()
+        for pool in self._pools.values():
+            await pool.disconnect()
+        self._pools.clear()
+        self._coalescers.clear()
+
+
+# -- shared ------------------------------------------------------------------------------
+
+
+def _mode(setting: object) -> str:
+    if setting == "auto":
+        return "auto"
+    return "cluster" if setting is True else "standalone"
+
+
+def _is_cluster_client(source: object) -> bool:
+    return isinstance(source, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
+
+
+def _host_port(node: str) -> Address:
+    host, _, port = node.rpartition(":")
+    return (host.strip("[]"), int(port))
+
+
+def _cluster_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in ("host", "port", "db", "path")}
+
+
+def _candidates(seeds: Sequence[Address], current: SlotMap | None) -> list[Address]:
+    # The nodes known from the last map first: a seed may have left the cluster.
+    known = current.primaries if current is not None else []
+    return list(dict.fromkeys([*known, *seeds]))
+
+
+def _decide(plan: _Plan, info: Any) -> None:
+    plan.mode = "cluster" if info.get("cluster_enabled") in (1, "1") else "standalone"
+
+
+def _map_from(address: Address, cluster_slots: Any) -> SlotMap:
+    if cluster_slots is None:
+        return SlotMap.single(address)
+    try:
+        return SlotMap.from_cluster_slots(cluster_slots, address[0])
+    except ValueError as exc:
+        # A cluster still forming, or one that lost a shard: nothing can run yet.
+        raise redis.exceptions.ClusterDownError(f"CLUSTERDOWN {exc}") from exc
+
+
+def _result(mode: str, call: ScriptCall, reply: Any) -> Any:
+    """The script's reply, or the redcredit error for a refusal; durable waits checked."""
+    script_reply, confirmation = reply if call.wait is not None else (reply, None)
+    for outcome in (script_reply, confirmation):
+        if isinstance(outcome, MovedError) and mode == "standalone":
+            raise ConfigError(
+                "this Redis is a node of a Redis Cluster (it answered MOVED): set "
+                "redis_cluster to auto or true, or pass a cluster client"
+            ) from outcome
+        if isinstance(outcome, RedisError):
+            raise translated(outcome) from outcome
+        if isinstance(outcome, Exception):
+            raise RedCreditError(f"Redis call failed: {outcome}") from outcome
+    if call.wait is not None:
+        check_durable(call, script_reply, confirmation)
+    return script_reply
