@@ -16,6 +16,7 @@ node that could not be connected to (nothing was sent).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-from redis.exceptions import MovedError, RedisError
+from redis.exceptions import AskError, RedisError, ResponseError
 
 from ..config import Settings
 from ..core.engine import ScriptCall, check_durable
@@ -69,9 +70,7 @@ class _Plan:
         elif _is_cluster_client(source):
             self.mode = "cluster"
             manager = source.nodes_manager
-            self.kwargs = {
-                k: v for k, v in manager.connection_kwargs.items() if k not in ("host", "port")
-            }
+            self.kwargs = _connection_kwargs(manager.connection_kwargs, asyncio_=self._asyncio)
             self.seeds = [(node.host, int(node.port)) for node in manager.startup_nodes.values()]
         else:
             self.mode = "standalone"
@@ -91,6 +90,7 @@ class _Plan:
     def pool_options(self, address: Address) -> dict[str, Any]:
         options = {**connection_options(self.settings), **self.kwargs}
         options.pop("retry", None)
+        options.setdefault("max_connections", self.settings.redis_max_connections)
         if "path" not in options:
             options["host"], options["port"] = address
         return options
@@ -146,6 +146,10 @@ class Topology:
                 if self._plan.mode == "cluster":
                     slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
                 self._map = _map_from(address, slots)
+            except ResponseError as exc:
+                _check_not_refused_as_cluster(exc)
+                error = exc
+                continue
             except (RedisError, OSError) as exc:
                 error = exc
                 continue
@@ -163,7 +167,6 @@ class Topology:
             pool = self._pools.setdefault(
                 address,
                 redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
-                    max_connections=settings.redis_max_connections,
                     timeout=settings.redis_connect_timeout.total_seconds(),
                     **self._plan.pool_options(address),
                 ),
@@ -221,7 +224,7 @@ class Topology:
                 self._stale = True
                 raise translated(exc) from exc
             step = next_step(reply)
-            if step is Next.DONE:
+            if step is Next.DONE or (self._plan.mode == "standalone" and step is not Next.LATER):
                 return _result(self._plan.mode, call, reply)
             redirects += 1
             if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
@@ -293,6 +296,10 @@ class AsyncTopology:
                 if self._plan.mode == "cluster":
                     slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
                 self._map = _map_from(address, slots)
+            except ResponseError as exc:
+                _check_not_refused_as_cluster(exc)
+                error = exc
+                continue
             except (RedisError, OSError) as exc:
                 error = exc
                 continue
@@ -310,7 +317,6 @@ class AsyncTopology:
             pool = self._pools.setdefault(
                 address,
                 redis.asyncio.BlockingConnectionPool(
-                    max_connections=settings.redis_max_connections,
                     timeout=settings.redis_connect_timeout.total_seconds(),
                     **self._plan.pool_options(address),
                 ),
@@ -387,7 +393,7 @@ class AsyncTopology:
                 self._stale = True
                 raise translated(exc) from exc
             step = next_step(reply)
-            if step is Next.DONE:
+            if step is Next.DONE or (self._plan.mode == "standalone" and step is not Next.LATER):
                 return _result(self._plan.mode, call, reply)
             redirects += 1
             if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
@@ -435,14 +441,39 @@ def _host_port(node: str) -> Address:
     return (host.strip("[]"), int(port))
 
 
+def _connection_kwargs(kwargs: dict[str, Any], *, asyncio_: bool) -> dict[str, Any]:
+    """What a cluster client keeps for its nodes, cut to what one node's connection takes."""
+    default = redis.asyncio.Connection if asyncio_ else redis.Connection
+    cls = kwargs.get("connection_class", default)
+    accepted = {
+        name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for name in inspect.signature(vars(klass)["__init__"]).parameters
+    }
+    kept = {k: v for k, v in kwargs.items() if k in accepted and k not in ("host", "port", "self")}
+    if "connection_class" in kwargs:
+        kept["connection_class"] = cls
+    return kept
+
+
 def _cluster_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("host", "port", "db", "path")}
+    dropped = ("host", "port", "db", "path", "max_connections")
+    return {k: v for k, v in options.items() if k not in dropped}
 
 
 def _candidates(seeds: Sequence[Address], current: SlotMap | None) -> list[Address]:
     # The nodes known from the last map first: a seed may have left the cluster.
     known = current.primaries if current is not None else []
     return list(dict.fromkeys([*known, *seeds]))
+
+
+def _check_not_refused_as_cluster(error: ResponseError) -> None:
+    if "cluster support disabled" in str(error).lower():
+        raise ConfigError(
+            "redis_cluster is true, but this Redis is not a cluster node (it has cluster "
+            "support disabled): set redis_cluster to auto or false"
+        ) from error
 
 
 def _decide(plan: _Plan, info: Any) -> None:
@@ -463,7 +494,7 @@ def _result(mode: str, call: ScriptCall, reply: Any) -> Any:
     """The script's reply, or the redcredit error for a refusal; durable waits checked."""
     script_reply, confirmation = reply if call.wait is not None else (reply, None)
     for outcome in (script_reply, confirmation):
-        if isinstance(outcome, MovedError) and mode == "standalone":
+        if isinstance(outcome, AskError) and mode == "standalone":
             raise ConfigError(
                 "this Redis is a node of a Redis Cluster (it answered MOVED): set "
                 "redis_cluster to auto or true, or pass a cluster client"
