@@ -285,32 +285,12 @@ class Settings(BaseSettings):
     @field_validator("redis_cluster", mode="before")
     @classmethod
     def _cluster_choice(cls, value: Any) -> Any:
-        text = value.strip().lower() if isinstance(value, str) else value
-        choices = {"auto": "auto", "true": True, "false": False, "1": True, "0": False}
-        if isinstance(value, bool) or text in choices:
-            return value if isinstance(value, bool) else choices[text]
-        raise ValueError(f"redis_cluster must be auto, true or false, not {v.short_repr(value)}")
+        return v.cluster_choice(value)
 
     @field_validator("redis_seed_nodes", mode="before")
     @classmethod
     def _seed_list(cls, value: Any) -> Any:
-        # From the environment: a JSON list, or "host:port,host:port".
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"redis_seed_nodes: {exc}") from exc
-        if isinstance(value, str):
-            value = [part for part in (p.strip() for p in value.split(",")) if part]
-        if not isinstance(value, list | tuple):
-            raise ValueError(
-                f"redis_seed_nodes must be a list of host:port, not {v.short_repr(value)}"
-            )
-        for node in value:
-            host, _, port = str(node).rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"redis_seed_nodes: {v.short_repr(node)} is not host:port")
-        return tuple(str(node) for node in value)
+        return v.seed_nodes(value)
 
     @field_validator("database_url")
     @classmethod

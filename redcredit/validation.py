@@ -11,6 +11,7 @@ client would otherwise send the repr of an enum member instead of its value.
 
 from __future__ import annotations
 
+import json
 import re
 import reprlib
 import unicodedata
@@ -292,3 +293,33 @@ def check_plan_name(value: object) -> str:
 def check_key_prefix(value: object) -> str:
     """1 to 32 characters of ``A-Z a-z 0-9 _ -``: no brace (hash tags) and no colon (separator)."""
     return _check_pattern(value, _PREFIX, "key prefix", "1-32 characters of A-Z a-z 0-9 _ -")
+
+
+def cluster_choice(value: object) -> bool | str:
+    """``redis_cluster``: "auto", or a boolean (from the environment: true/false, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else value
+    choices: dict[object, bool | str] = {"auto": "auto", "true": True, "false": False}
+    choices |= {"1": True, "0": False}
+    if text in choices:
+        return choices[text]
+    raise ValueError(f"redis_cluster must be auto, true or false, not {short_repr(value)}")
+
+
+def seed_nodes(value: object) -> tuple[str, ...]:
+    """``redis_seed_nodes``: a list of host:port, or (from the environment) JSON or "a:1,b:2"."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"redis_seed_nodes: {exc}") from exc
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"redis_seed_nodes must be a list of host:port, not {short_repr(value)}")
+    for node in value:
+        host, _, port = str(node).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"redis_seed_nodes: {short_repr(node)} is not host:port")
+    return tuple(str(node) for node in value)

@@ -7,6 +7,7 @@ Pure data and pure decisions, shared by the synchronous and asyncio routers
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,9 +22,16 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-__all__ = ["SLOTS", "Address", "Next", "SlotMap", "next_step", "slot_of"]
+__all__ = ["SLOTS", "Address", "Next", "Route", "SlotMap", "next_step", "slot_of"]
 
 SLOTS: Final = 16384
+# A slot moved by a reshard is followed at once; a loop of redirects is a bug.
+_MAX_REDIRECTS: Final = 16
+_FIRST_PAUSE_S: Final = 0.01
+_LONGEST_PAUSE_S: Final = 0.2
+# A full re-read of the map after a MOVED, at most this often: a reshard sends
+# many at once.
+_REREAD_EVERY_S: Final = 0.1
 Address = tuple[str, int]
 
 
@@ -109,3 +117,62 @@ def redirect_target(reply: Any) -> Address:
     first = reply[0] if isinstance(reply, tuple) else reply
     host, port = first.node_addr
     return (str(host), int(port))
+
+
+class Route:
+    """One call's way to the node that runs it: where next, and how long to keep trying.
+
+    The routers (sync and asyncio) do the I/O; this decides. A pause of
+    ``None`` means the call is over: its reply (or refusal) is final.
+    """
+
+    def __init__(self, key: str, deadline_s: float) -> None:
+        self.slot = slot_of(key)
+        self.deadline = time.monotonic() + deadline_s
+        self.asking: Address | None = None
+        self._redirects = 0
+        self._pause = _FIRST_PAUSE_S
+        self._reread = False
+        self._moved = False
+
+    def node(self, slot_map: SlotMap) -> Address:
+        return self.asking or slot_map.owner(self.slot)
+
+    def not_sent(self) -> float | None:
+        """Nothing left for the node (it could not be reached): read the map, try again."""
+        self.asking = None
+        self._reread = True
+        return self._wait()
+
+    def replied(self, reply: Any, mode: str, slot_map: SlotMap | None) -> float | None:
+        step = next_step(reply)
+        # A server configured as one node that redirects is misconfigured: say so.
+        if step is Next.DONE or (mode == "standalone" and step is not Next.LATER):
+            return None
+        self._redirects += 1
+        if self._redirects > _MAX_REDIRECTS:
+            return None
+        self.asking = None
+        if step is Next.MOVED:
+            if slot_map is not None:
+                slot_map.moved(self.slot, redirect_target(reply))
+            self._moved = True
+            return 0.0
+        if step is Next.ASK:
+            self.asking = redirect_target(reply)
+            return 0.0
+        self._reread = True
+        return self._wait()
+
+    def take_reread(self, map_read_at: float) -> bool:
+        """Whether the router should read the whole map again before the next try."""
+        reread = self._reread or (self._moved and time.monotonic() - map_read_at > _REREAD_EVERY_S)
+        self._reread = self._moved = False
+        return reread
+
+    def _wait(self) -> float | None:
+        if time.monotonic() + self._pause >= self.deadline:
+            return None
+        pause = self._pause
+        self._pause = min(pause * 2, _LONGEST_PAUSE_S)
+        return pause

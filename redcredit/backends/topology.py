@@ -16,11 +16,9 @@ node that could not be connected to (nothing was sent).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -33,78 +31,30 @@ from ..core.engine import ScriptCall, check_durable
 from ..errors import ConfigError, RedCreditError
 from .channel import NotSent, round_trip, round_trip_async
 from .coalesce import Coalescer
-from .redis import connection_options, require_url, translated, url_options
-from .slots import Address, Next, SlotMap, next_step, redirect_target, slot_of
+from .nodes import (
+    AsyncNodePlan,
+    NodePlan,
+    candidates,
+    check_not_refused_as_cluster,
+    cluster_options,
+    decide_mode,
+    map_from,
+)
+from .redis import translated
+from .slots import Address, Route, SlotMap, slot_of
 
 __all__ = ["AsyncTopology", "Topology"]
 
-# A slot moved by a reshard is followed at once; a loop of redirects is a bug.
-_MAX_REDIRECTS: Final = 16
-_FIRST_PAUSE_S: Final = 0.01
-_LONGEST_PAUSE_S: Final = 0.2
-# A full re-read of the map after a MOVED, at most this often: a reshard sends
-# many at once.
-_REFRESH_EVERY_S: Final = 0.1
 
 Source = str | redis.Redis | redis.cluster.RedisCluster | None
 AsyncSource = str | redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | None
-
-
-class _Plan:
-    """What the router was given: how to connect, where to start, and the mode."""
-
-    def __init__(self, settings: Settings, source: Any) -> None:
-        self.settings = settings
-        self.mode: str = _mode(settings.redis_cluster)
-        self.shared_pool: Any = None  # a standalone client's pool, the user's
-        self.kwargs: dict[str, Any] = {}
-        self.seeds: list[Address] = []
-        self.url: str | None = None
-        if source is None or isinstance(source, str):
-            self.url = url = source if source is not None else require_url(settings)
-            self.kwargs = url_options(url, asyncio_=self._asyncio)
-            self.seeds = [self._own_address(self.kwargs)]
-            self.seeds += [_host_port(node) for node in settings.redis_seed_nodes]
-            if "path" in self.kwargs:  # a unix socket: one server, never a cluster
-                self.mode = "standalone"
-        elif _is_cluster_client(source):
-            self.mode = "cluster"
-            manager = source.nodes_manager
-            self.kwargs = _connection_kwargs(manager.connection_kwargs, asyncio_=self._asyncio)
-            self.seeds = [(node.host, int(node.port)) for node in manager.startup_nodes.values()]
-        else:
-            self.mode = "standalone"
-            self.shared_pool = source.connection_pool
-            self.seeds = [self._own_address(source.connection_pool.connection_kwargs)]
-
-    _asyncio = False
-
-    @staticmethod
-    def _own_address(kwargs: dict[str, Any]) -> Address:
-        if "path" in kwargs:
-            return (f"unix:{kwargs['path']}", 0)
-        host = kwargs.get("host", "localhost")
-        port = int(kwargs.get("port", 6379))
-        return (str(host), port)
-
-    def pool_options(self, address: Address) -> dict[str, Any]:
-        options = {**connection_options(self.settings), **self.kwargs}
-        options.pop("retry", None)
-        options.setdefault("max_connections", self.settings.redis_max_connections)
-        if "path" not in options:
-            options["host"], options["port"] = address
-        return options
-
-
-class _AsyncPlan(_Plan):
-    _asyncio = True
 
 
 class Topology:
     """The synchronous router, for the sync client, the syncer and the commands."""
 
     def __init__(self, settings: Settings, source: Source = None) -> None:
-        self._plan = _Plan(settings, source)
+        self._plan = NodePlan(settings, source)
         self._deadline_s = settings.redis_retry_deadline.total_seconds()
         self._pools: dict[Address, redis.ConnectionPool] = {}
         self._map: SlotMap | None = None
@@ -137,17 +87,17 @@ class Topology:
 
     def _load(self) -> None:
         error: RedisError | OSError | None = None
-        for address in _candidates(self._plan.seeds, self._map):
+        for address in candidates(self._plan.seeds, self._map):
             try:
                 client = self.client(address)
                 if self._plan.mode == "auto":
-                    _decide(self._plan, client.info("cluster"))
+                    decide_mode(self._plan, client.info("cluster"))
                 slots = None
                 if self._plan.mode == "cluster":
                     slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-                self._map = _map_from(address, slots)
+                self._map = map_from(address, slots)
             except ResponseError as exc:
-                _check_not_refused_as_cluster(exc)
+                check_not_refused_as_cluster(exc)
                 error = exc
                 continue
             except (RedisError, OSError) as exc:
@@ -192,7 +142,7 @@ class Topology:
                         redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
                         for h, p in self.primaries()
                     ],
-                    **_cluster_options(self._plan.pool_options(self.primaries()[0])),
+                    **cluster_options(self._plan.pool_options(self.primaries()[0])),
                 )
             else:
                 self._generic = self.client(self.primaries()[0])
@@ -202,48 +152,27 @@ class Topology:
 
     def run_script(self, call: ScriptCall) -> Any:
         """The call's reply, from the node owning its keys; raises a redcredit error."""
-        slot = slot_of(call.keys[0])
-        deadline = time.monotonic() + self._deadline_s
-        asking: Address | None = None
-        redirects = 0
-        pause = _FIRST_PAUSE_S
+        route = Route(call.keys[0], self._deadline_s)
         while True:
             try:
-                node = asking or self.slot_map().owner(slot)
-                reply = round_trip(self.pool(node), [call], asking=asking is not None)[0]
+                node = route.node(self.slot_map())
+                reply = round_trip(self.pool(node), [call], asking=route.asking is not None)[0]
             except NotSent as exc:
-                self._stale = True
-                if time.monotonic() + pause < deadline:
-                    time.sleep(pause)
-                    pause = min(pause * 2, _LONGEST_PAUSE_S)
-                    continue
-                raise translated(exc.error) from exc.error
+                pause = route.not_sent()
+                if pause is None:
+                    raise translated(exc.error) from exc.error
             except RedisError as exc:
                 # Sent, and then the connection failed: it may have run. Not
                 # re-sent; the node may be gone, so the map is read again.
                 self._stale = True
                 raise translated(exc) from exc
-            step = next_step(reply)
-            if step is Next.DONE or (self._plan.mode == "standalone" and step is not Next.LATER):
-                return _result(self._plan.mode, call, reply)
-            redirects += 1
-            if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
-                return _result(self._plan.mode, call, reply)
-            asking = None
-            if step is Next.MOVED:
-                self._moved(slot, redirect_target(reply))
-            elif step is Next.ASK:
-                asking = redirect_target(reply)
             else:
-                self._stale = True
+                pause = route.replied(reply, self._plan.mode, self._map)
+                if pause is None:
+                    return _result(self._plan.mode, call, reply)
+            self._stale |= route.take_reread(self._refreshed_at)
+            if pause:
                 time.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE_S)
-
-    def _moved(self, slot: int, address: Address) -> None:
-        if self._map is not None:
-            self._map.moved(slot, address)
-        if time.monotonic() - self._refreshed_at > _REFRESH_EVERY_S:
-            self._stale = True
 
     def close(self) -> None:
         if isinstance(self._generic, redis.cluster.RedisCluster):
@@ -257,7 +186,7 @@ class AsyncTopology:
     """The asyncio router: concurrent calls are pipelined per node (see :mod:`.coalesce`)."""
 
     def __init__(self, settings: Settings, source: AsyncSource = None) -> None:
-        self._plan = _AsyncPlan(settings, source)
+        self._plan = AsyncNodePlan(settings, source)
         self._deadline_s = settings.redis_retry_deadline.total_seconds()
         self._max_batch = settings.pipeline_max_batch
         self._pools: dict[Address, redis.asyncio.ConnectionPool] = {}
@@ -287,17 +216,17 @@ class AsyncTopology:
 
     async def _load(self) -> None:
         error: RedisError | OSError | None = None
-        for address in _candidates(self._plan.seeds, self._map):
+        for address in candidates(self._plan.seeds, self._map):
             client = redis.asyncio.Redis(connection_pool=self.pool(address))
             try:
                 if self._plan.mode == "auto":
-                    _decide(self._plan, await client.info("cluster"))
+                    decide_mode(self._plan, await client.info("cluster"))
                 slots = None
                 if self._plan.mode == "cluster":
                     slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-                self._map = _map_from(address, slots)
+                self._map = map_from(address, slots)
             except ResponseError as exc:
-                _check_not_refused_as_cluster(exc)
+                check_not_refused_as_cluster(exc)
                 error = exc
                 continue
             except (RedisError, OSError) as exc:
@@ -361,58 +290,37 @@ class AsyncTopology:
                     startup_nodes=[
                         redis.asyncio.cluster.ClusterNode(h, p) for h, p in self._plan.seeds
                     ],
-                    **_cluster_options(self._plan.pool_options(seed)),
+                    **cluster_options(self._plan.pool_options(seed)),
                 )
             else:
                 self._generic = redis.asyncio.Redis(connection_pool=self.pool(seed))
         return self._generic
 
     async def run_script(self, call: ScriptCall) -> Any:
-        slot = slot_of(call.keys[0])
-        deadline = time.monotonic() + self._deadline_s
-        asking: Address | None = None
-        redirects = 0
-        pause = _FIRST_PAUSE_S
+        route = Route(call.keys[0], self._deadline_s)
         while True:
             try:
-                node = asking or (await self.slot_map()).owner(slot)
-                if asking is not None:
+                node = route.node(await self.slot_map())
+                if route.asking is not None:
                     reply = (await round_trip_async(self.pool(node), [call], asking=True))[0]
                 elif self._max_batch > 1:
                     reply = await self._coalescer(node).run(call)
                 else:
                     reply = (await round_trip_async(self.pool(node), [call]))[0]
             except NotSent as exc:
-                self._stale = True
-                if time.monotonic() + pause < deadline:
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _LONGEST_PAUSE_S)
-                    continue
-                raise translated(exc.error) from exc.error
+                pause = route.not_sent()
+                if pause is None:
+                    raise translated(exc.error) from exc.error
             except RedisError as exc:
                 self._stale = True
                 raise translated(exc) from exc
-            step = next_step(reply)
-            if step is Next.DONE or (self._plan.mode == "standalone" and step is not Next.LATER):
-                return _result(self._plan.mode, call, reply)
-            redirects += 1
-            if redirects > _MAX_REDIRECTS or (step is Next.LATER and time.monotonic() >= deadline):
-                return _result(self._plan.mode, call, reply)
-            asking = None
-            if step is Next.MOVED:
-                self._moved(slot, redirect_target(reply))
-            elif step is Next.ASK:
-                asking = redirect_target(reply)
             else:
-                self._stale = True
+                pause = route.replied(reply, self._plan.mode, self._map)
+                if pause is None:
+                    return _result(self._plan.mode, call, reply)
+            self._stale |= route.take_reread(self._refreshed_at)
+            if pause:
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE_S)
-
-    def _moved(self, slot: int, address: Address) -> None:
-        if self._map is not None:
-            self._map.moved(slot, address)
-        if time.monotonic() - self._refreshed_at > _REFRESH_EVERY_S:
-            self._stale = True
 
     async def close(self) -> None:
         if self._generic is not None and self._plan.shared_pool is None:
@@ -424,70 +332,6 @@ class AsyncTopology:
 
 
 # -- shared ------------------------------------------------------------------------------
-
-
-def _mode(setting: object) -> str:
-    if setting == "auto":
-        return "auto"
-    return "cluster" if setting is True else "standalone"
-
-
-def _is_cluster_client(source: object) -> bool:
-    return isinstance(source, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
-
-
-def _host_port(node: str) -> Address:
-    host, _, port = node.rpartition(":")
-    return (host.strip("[]"), int(port))
-
-
-def _connection_kwargs(kwargs: dict[str, Any], *, asyncio_: bool) -> dict[str, Any]:
-    """What a cluster client keeps for its nodes, cut to what one node's connection takes."""
-    default = redis.asyncio.Connection if asyncio_ else redis.Connection
-    cls = kwargs.get("connection_class", default)
-    accepted = {
-        name
-        for klass in cls.__mro__
-        if "__init__" in vars(klass)
-        for name in inspect.signature(vars(klass)["__init__"]).parameters
-    }
-    kept = {k: v for k, v in kwargs.items() if k in accepted and k not in ("host", "port", "self")}
-    if "connection_class" in kwargs:
-        kept["connection_class"] = cls
-    return kept
-
-
-def _cluster_options(options: dict[str, Any]) -> dict[str, Any]:
-    dropped = ("host", "port", "db", "path", "max_connections")
-    return {k: v for k, v in options.items() if k not in dropped}
-
-
-def _candidates(seeds: Sequence[Address], current: SlotMap | None) -> list[Address]:
-    # The nodes known from the last map first: a seed may have left the cluster.
-    known = current.primaries if current is not None else []
-    return list(dict.fromkeys([*known, *seeds]))
-
-
-def _check_not_refused_as_cluster(error: ResponseError) -> None:
-    if "cluster support disabled" in str(error).lower():
-        raise ConfigError(
-            "redis_cluster is true, but this Redis is not a cluster node (it has cluster "
-            "support disabled): set redis_cluster to auto or false"
-        ) from error
-
-
-def _decide(plan: _Plan, info: Any) -> None:
-    plan.mode = "cluster" if info.get("cluster_enabled") in (1, "1") else "standalone"
-
-
-def _map_from(address: Address, cluster_slots: Any) -> SlotMap:
-    if cluster_slots is None:
-        return SlotMap.single(address)
-    try:
-        return SlotMap.from_cluster_slots(cluster_slots, address[0])
-    except ValueError as exc:
-        # A cluster still forming, or one that lost a shard: nothing can run yet.
-        raise redis.exceptions.ClusterDownError(f"CLUSTERDOWN {exc}") from exc
 
 
 def _result(mode: str, call: ScriptCall, reply: Any) -> Any:
