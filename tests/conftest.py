@@ -149,6 +149,7 @@ def rc(settings: Settings) -> Iterator[RedCredit]:
 @pytest.fixture
 async def arc(settings: Settings) -> AsyncIterator[AsyncRedCredit]:
     async with AsyncRedCredit(settings=settings) as client:
+        await client.ready()  # as an app's lifespan would: the gate's short deadlines start warm
         yield client
 
 

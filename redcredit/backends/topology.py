@@ -81,6 +81,13 @@ class Topology:
         assert self._map is not None
         return self._map
 
+    def ready(self) -> None:
+        """Asks the server what it is and reads its map now; BackendUnavailable if unreachable."""
+        try:
+            self.refresh()
+        except NotSent as exc:
+            raise translated(exc.error) from exc.error
+
     def refresh(self) -> SlotMap:
         self._stale = True
         return self.slot_map()
@@ -213,6 +220,14 @@ class AsyncTopology:
         await asyncio.shield(self._loading)
         assert self._map is not None
         return self._map
+
+    async def ready(self) -> None:
+        """Asks the server what it is and reads its map now; BackendUnavailable if unreachable."""
+        self._stale = True
+        try:
+            await self.slot_map()
+        except NotSent as exc:
+            raise translated(exc.error) from exc.error
 
     async def _load(self) -> None:
         error: RedisError | OSError | None = None

@@ -79,6 +79,14 @@ class RedCredit:
         """A redis-py client of the same Redis, for commands of your own."""
         return self._given if self._given is not None else self.topology.generic()
 
+    def ready(self) -> None:
+        """Finds out now whether Redis is one server or a cluster, and where each slot is.
+
+        Otherwise the first call does it. Call it at startup (an app's lifespan)
+        to fail fast when Redis is unreachable (:class:`BackendUnavailable`).
+        """
+        self.topology.ready()
+
     def close(self) -> None:
         if self._owned_loader is not None:
             self._owned_loader.close()

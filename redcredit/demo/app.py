@@ -88,6 +88,8 @@ def build_app(settings: Settings, *, gated: bool = True) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # One server or a cluster, and its slot map, before the first request.
+        await client.ready()
         yield
         await client.close()
 

@@ -259,3 +259,23 @@ def test_redirects_while_a_slot_moves_are_followed_once() -> None:
             assert _slot_owner_ids(target)[slot] == target_id
         for client in clients.values():
             client.close()
+
+
+async def test_ready_reads_the_map_at_startup_or_says_redis_is_unreachable(
+    three_primary_cluster_url: str, settings: Settings
+) -> None:
+    async with AsyncRedCredit(
+        settings=settings.model_copy(update={"redis_url": three_primary_cluster_url})
+    ) as client:
+        assert client.topology.is_cluster is None  # auto: not asked yet
+        await client.ready()
+        assert client.topology.is_cluster is True
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    gone = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    async with AsyncRedCredit(settings=gone) as client:
+        with pytest.raises(BackendUnavailable):
+            await client.ready()
+    with RedCredit(settings=gone) as sync_client, pytest.raises(BackendUnavailable):
+        sync_client.ready()
