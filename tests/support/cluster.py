@@ -33,8 +33,6 @@ NODE_TIMEOUT_MS = 1000
 
 # What makes a failover happen the same way every time, and soon.
 _NODE_ARGS = (
-    # A dead primary is suspected after 1 s, so a kill fails over in about 2 s.
-    "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
     # However long a replica was paused or cut off, it still stands for election:
     # the lagging failover depends on it.
     "--cluster-replica-validity-factor", "0",
@@ -146,6 +144,7 @@ class ClusterHarness:
         primaries: int = 3,
         replicas: int = 1,
         *,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
         timeout_s: float = 30.0,
         extra_args: tuple[str, ...] = (),
     ) -> None:
@@ -153,7 +152,8 @@ class ClusterHarness:
             raise ValueError("a cluster needs a primary, and no replica count is negative")
         self.timeout_s = timeout_s
         bounds = [SLOTS * i // primaries for i in range(primaries + 1)]
-        args = (*_NODE_ARGS, *extra_args)
+        # Short, so a killed primary is suspected after 1 s and replaced in about 2 s.
+        args = ("--cluster-node-timeout", str(node_timeout_ms), *_NODE_ARGS, *extra_args)
         self.servers: list[EmbeddedRedis] = [
             EmbeddedRedis(cluster=True, cluster_slots=range(a, b), extra_args=args)
             for a, b in itertools.pairwise(bounds)
@@ -189,9 +189,10 @@ class ClusterHarness:
             self._ids[server.port] = self._text(server, "CLUSTER", "MYID")
             # Distinct epochs from the start: no collision for the nodes to settle.
             self._admin(server).execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
-        first = self.servers[0]
-        for server in self.servers[1:]:
-            self._admin(first).execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+        # Every pair meets directly: gossip would take a few node timeouts.
+        for i, server in enumerate(self.servers):
+            for other in self.servers[i + 1 :]:
+                self._admin(server).execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
         self._until(self._all_met, "every node to know every other")
         for i, primary in enumerate(self.servers[: self._primaries]):
             for j in range(self._replicas):
@@ -391,7 +392,8 @@ class ClusterHarness:
                 run()
             if not names:
                 break
-        # The target first, so the slot is never owned by neither (as redis-cli does).
+        # The target first: told first, the source would send callers to a node
+        # that does not claim the slot yet.
         others = [p for p in self.primaries if p is not source and p is not to_primary]
         for node in (to_primary, source, *others):
             self._admin(node).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
@@ -540,8 +542,12 @@ class ClusterHarness:
 
 @contextmanager
 def three_primaries(timeout_s: float = 20.0) -> Iterator[list[EmbeddedRedis]]:
-    """Three primaries without replicas, a third of the slots each; stopped on exit."""
-    with ClusterHarness(3, 0, timeout_s=timeout_s) as harness:
+    """Three primaries without replicas, a third of the slots each; stopped on exit.
+
+    With the servers' default node timeout: with no replica to fail over to, a
+    node that a busy machine starves for a second must not take its slots down.
+    """
+    with ClusterHarness(3, 0, node_timeout_ms=15000, timeout_s=timeout_s) as harness:
         yield harness.servers
 
 
