@@ -26,8 +26,7 @@ __all__ = ["Coalescer"]
 
 
 def _translated_reply(error: ResponseError) -> Exception:
-    # Chained as a raise ... from would: callers tell a Redis that refuses
-    # (OOM, READONLY) from other errors by the cause.
+    # Chained as a raise ... from would, so a traceback shows Redis's own reply.
     reply = translated(error)
     reply.__cause__ = error
     return reply
