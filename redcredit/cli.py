@@ -123,7 +123,11 @@ def _redis(settings: Settings) -> Iterator[redis.Redis]:
         try:
             client.ping()
         except RedisError as exc:
-            raise BackendUnavailable(f"Redis is unreachable at {masked_url(url)}: {exc}") from exc
+            error = translated(exc)
+            if type(error) is BackendUnavailable:
+                error = BackendUnavailable(f"Redis is unreachable at {masked_url(url)}: {exc}")
+            # Anything else keeps its type and its words (a login refused says so).
+            raise error from exc
         yield client
 
 

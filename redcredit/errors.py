@@ -21,6 +21,9 @@ __all__ = [
     "NotDurable",
     "RateLimited",
     "RedCreditError",
+    "RedisAuthError",
+    "RedisCommandError",
+    "RedisRefused",
     "ReservationClosed",
     "ReservationError",
     "ReservationLapsed",
@@ -182,11 +185,46 @@ class BalanceOverflow(InvalidInput):
     """
 
 
-# -- Backends: a server could not be reached, started, or made durable. --------
+# -- Backends: a server out of reach, refusing the login or the call for now,
+#    or not started, or a change not made durable.
 
 
 class BackendUnavailable(RedCreditError):
-    """Redis (or PostgreSQL) could not be reached within the configured deadline."""
+    """Redis (or PostgreSQL) could not be reached within the configured deadline.
+
+    Also a server that answers but cannot serve: :class:`RedisRefused`,
+    :class:`RedisAuthError`.
+    """
+
+
+class RedisRefused(BackendUnavailable):
+    """Redis was reached and refused the call for now; the call was not applied.
+
+    ``kind`` is Redis's own error code: ``OOM`` (``maxmemory`` reached under
+    ``noeviction``), ``READONLY`` (a replica, e.g. after a failover),
+    ``LOADING``, ``BUSY``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``,
+    ``NOREPLICAS``, ``MISCONF``, or ``MOVED`` / ``ASK`` (the key's slot is
+    served by another node). An outage, like a Redis that cannot be reached:
+    the gate answers it by the route's ``on_unavailable``, and a lease keeps
+    being renewed through it.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class RedisAuthError(BackendUnavailable):
+    """Redis refused the login (``WRONGPASS``, ``NOAUTH``...): fix the Redis URL's credentials.
+
+    Counted with the outages, as a PostgreSQL refusing the login is: no call
+    can be made until the credentials match again. ``kind`` is Redis's error
+    code. The message never holds the password.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
 
 
 class NotDurable(BackendUnavailable):
@@ -195,3 +233,22 @@ class NotDurable(BackendUnavailable):
 
 class EmbeddedServerError(RedCreditError):
     """A server for the demo or the tests could not be found or started."""
+
+
+# -- Redis answered with an error that is no outage: a fault to look into.
+
+
+class RedisCommandError(RedCreditError):
+    """Redis answered the call with an error that calling again will not mend.
+
+    A script error, a key of another type under redcredit's prefix, an ACL
+    user without the rights it needs, a slot rule broken, a client-side
+    misuse of redis-py: a fault to look into, not an outage. ``kind`` is
+    Redis's error code (``ERR``, ``WRONGTYPE``, ``NOPERM``, ``CROSSSLOT``...),
+    or ``None`` when redis-py refused the call before sending it. The gate
+    still answers it by the route's ``on_unavailable``: no decision can be made.
+    """
+
+    def __init__(self, kind: str | None, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)

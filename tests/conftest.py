@@ -29,6 +29,7 @@ from redcredit.errors import EmbeddedServerError
 from redcredit.servers.postgres import EmbeddedPostgres, find_postgres_bin
 from redcredit.servers.redis import EmbeddedRedis, find_redis_server
 from tests.support.cluster import ClusterHarness, three_primaries
+from tests.support.refusing import KINDS, Refusing, refusing_server
 
 # --- servers ------------------------------------------------------------------------------------
 
@@ -82,6 +83,14 @@ def three_primary_cluster_url() -> Iterator[str]:
     _require_server_binary("a three-primary cluster test")
     with three_primaries() as nodes:
         yield nodes[0].url
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def refusing_redis(request: pytest.FixtureRequest) -> Iterator[Refusing]:
+    """A server of the module's own that refuses writes (OOM, then READONLY) inside ``refusing()``."""
+    _require_server_binary("a test of Redis refusing writes")
+    with refusing_server(request.param) as server:
+        yield server
 
 
 @pytest.fixture

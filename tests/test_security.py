@@ -42,6 +42,8 @@ from redcredit import (
     ConfigError,
     RedCredit,
     RedCreditError,
+    RedisAuthError,
+    RedisCommandError,
     Settings,
 )
 from redcredit.backends.migrate import migrations
@@ -139,8 +141,9 @@ def test_documented_acl_user_can_do_everything_and_nothing_else(
         assert rc.balance("acl-user").credits == 93
         # Another prefix is out of reach, even through the scripts.
         other = settings.model_copy(update={"redis_url": url, "key_prefix": "other"})
-        with RedCredit(settings=other) as intruder, pytest.raises(RedCreditError):
+        with RedCredit(settings=other) as intruder, pytest.raises(RedisCommandError) as denied:
             intruder.spend("acl-user", cost=1)
+        assert denied.value.kind == "NOPERM"
     user = redis.Redis.from_url(url)
     with pytest.raises(redis.exceptions.NoPermissionError):
         user.get("other:v1:{1}:a:x")
@@ -151,17 +154,31 @@ def test_documented_acl_user_can_do_everything_and_nothing_else(
 
 
 def test_wrong_password_is_a_clear_error_without_the_secret(
-    redis_factory, settings: Settings
+    redis_factory,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = redis_factory(password="right-secret")
     url = f"redis://default:wrong-secret@127.0.0.1:{server.port}/0"
     with (
         RedCredit(settings=settings.model_copy(update={"redis_url": url})) as rc,
-        pytest.raises((BackendUnavailable, RedCreditError)) as failed,
+        pytest.raises(RedisAuthError) as failed,
     ):
         rc.spend("x", cost=1)
-    assert "wrong-secret" not in str(failed.value)
-    assert "right-secret" not in str(failed.value)
+    # Counted with the outages (as a PostgreSQL refusing the login is), and
+    # says what to fix.
+    assert isinstance(failed.value, BackendUnavailable)
+    assert "WRONGPASS" in str(failed.value) and "password of the Redis URL" in str(failed.value)
+    _assert_hidden(str(failed.value), "wrong-secret", "right-secret")
+    # The command says so too, with the status of a server refusing the login.
+    for name in [n for n in os.environ if n.upper().startswith("REDCREDIT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("REDCREDIT_REDIS_URL", url)
+    assert cli_main(["sync", "--status"]) == 3
+    err = capsys.readouterr().err
+    assert "WRONGPASS" in err
+    _assert_hidden(err, "wrong-secret", "right-secret")
 
 
 # --- TLS ---------------------------------------------------------------------------------------

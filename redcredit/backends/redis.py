@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,19 +13,47 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    BusyLoadingError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    ClusterError,
+    CrossSlotTransactionError,
+    ExecAbortError,
+    InvalidPipelineStack,
+    InvalidResponse,
+    MasterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..config import Settings
-from ..errors import BackendUnavailable, ConfigError, RedCreditError
+from ..errors import (
+    BackendUnavailable,
+    ConfigError,
+    RedCreditError,
+    RedisAuthError,
+    RedisCommandError,
+    RedisRefused,
+)
 from ..secrets import check_redis_url, masked_url
 
 __all__ = [
     "connection_options",
     "redis_errors_translated",
-    "refused_by_redis",
     "require_url",
     "translated",
     "url_options",
@@ -116,32 +145,113 @@ def _check_tls(url: object) -> None:
             raise ConfigError(f"Redis URL {masked_url(url)!r}: {name} {value!r} is not a file")
 
 
-def translated(error: RedisError) -> RedCreditError:
-    """The redcredit error for a redis-py one."""
+# Redis's codes for "refused for now": the call was not applied, and the same
+# call may succeed later (after eviction, a failover, a load, a script's end).
+_REFUSED_FOR_NOW: Final = frozenset(
+    {
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "NOREPLICAS",
+        "MISCONF",
+        "MOVED",
+        "ASK",
+    }
+)
+
+# The codes redis-py strips from the message of the classes it maps them to,
+# most specific first (MasterDownError is a ClusterDownError, MovedError an AskError).
+_CODES: Final[tuple[tuple[type[RedisError], str], ...]] = (
+    (OutOfMemoryError, "OOM"),
+    (ReadOnlyError, "READONLY"),
+    (BusyLoadingError, "LOADING"),
+    (MasterDownError, "MASTERDOWN"),
+    (ClusterDownError, "CLUSTERDOWN"),
+    (TryAgainError, "TRYAGAIN"),
+    (MovedError, "MOVED"),
+    (AskError, "ASK"),
+    (ClusterCrossSlotError, "CROSSSLOT"),
+    (NoPermissionError, "NOPERM"),
+    (NoScriptError, "NOSCRIPT"),
+    (ExecAbortError, "EXECABORT"),
+)
+
+_CODE: Final = re.compile(r"[A-Z][A-Z_-]+")
+
+_HINTS: Final = {
+    "READONLY": " (a replica: after a failover, point redcredit at the new primary)",
+    "NOPERM": " (check the ACL user's rights)",
+    "MOVED": " (the key's slot is served by another node: set redis_cluster to auto or true)",
+}
+
+
+def translated(error: RedisError | RedisClusterException) -> RedCreditError:
+    """The redcredit error for a redis-py one: every failure gets a type of its own.
+
+    Redis refusing for now is :class:`RedisRefused` and a login refused
+    :class:`RedisAuthError`, outages both, like a Redis out of reach; an
+    error that calling again will not mend is :class:`RedisCommandError`.
+    """
     if isinstance(error, RedisTimeoutError):
         return BackendUnavailable(
             f"Redis did not answer in time ({error}); the call may or may not have been "
             "applied: retry it with the same idempotency key to be sure"
         )
+    if isinstance(error, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        kind, said = _code(error)
+        # Redis never repeats a password in its replies, so what it said is safe to show.
+        return RedisAuthError(
+            kind,
+            f"Redis refused the credentials: {said} "
+            "(check the user name and password of the Redis URL)",
+        )
+    if isinstance(error, BusyLoadingError | ResponseError):
+        kind, said = _code(error)
+        if kind in _REFUSED_FOR_NOW:
+            return RedisRefused(
+                kind, f"Redis refused the call for now: {said}{_HINTS.get(kind, '')}"
+            )
+        return RedisCommandError(kind, f"Redis refused the call: {said}{_HINTS.get(kind, '')}")
     if isinstance(error, RedisConnectionError):
         return BackendUnavailable(f"Redis is unreachable: {error}")
-    return RedCreditError(f"Redis refused the call: {error}")
+    if isinstance(error, InvalidResponse):
+        # Half a reply, or a server that does not speak RESP: the connection is unusable.
+        return BackendUnavailable(f"Redis answered what redis-py cannot read: {error}")
+    if isinstance(error, CrossSlotTransactionError | InvalidPipelineStack):
+        return RedisCommandError(None, f"redis-py refused the call: {error}")
+    if isinstance(error, ClusterError | RedisClusterException):
+        # No reachable node, slots not covered, nodes that disagree, redirections
+        # without end: the cluster cannot serve the call now.
+        return BackendUnavailable(f"Redis Cluster cannot serve the call: {error}")
+    # DataError and the like: redis-py refused the call before sending it.
+    return RedisCommandError(None, f"redis-py refused the call: {error}")
 
 
-def refused_by_redis(error: BaseException) -> bool:
-    """Whether ``error`` is Redis answering with an error (OOM, READONLY after a failover...).
-
-    Redis was reached and refused for now: for a holder or the gate, an
-    outage like one it cannot reach, and not a reason to stop.
-    """
-    return isinstance(error, RedCreditError) and isinstance(error.__cause__, RedisError)
+def _code(error: RedisError) -> tuple[str, str]:
+    """Redis's error code, and its whole reply: the code first, as Redis sent it."""
+    text = str(error)
+    code = next((code for cls, code in _CODES if isinstance(error, cls)), None)
+    if code is None:
+        status = getattr(error, "status_code", None)
+        code = status if isinstance(status, str) and status else None
+    if code is None:
+        head = text.partition(" ")[0]
+        # An unmapped code (BUSY, NOREPLICAS, MISCONF...) stays in redis-py's message.
+        code = head if _CODE.fullmatch(head) else "ERR"
+    # redis-py strips the code of the replies it maps; put it back, once.
+    said = text if text == code or text.startswith(f"{code} ") else f"{code} {text}".rstrip()
+    return code, said
 
 
 @contextmanager
 def redis_errors_translated() -> Iterator[None]:
     try:
         yield
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         raise translated(exc) from exc
 
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol
 from typing_extensions import TypeVar
 
 from .. import validation as v
-from ..backends.redis import refused_by_redis
 from ..errors import BackendUnavailable, InvalidInput, RedCreditError, ReservationError
 from ..results import Reservation, Settlement
 
@@ -105,14 +104,15 @@ def keep_renewing(exc: Exception, lease: Lease[Any]) -> bool:
     """Whether a lease whose renewal raised ``exc`` is worth renewing again; logged either way.
 
     Only an outage is retried: Redis unreachable or slow, or refusing for now
-    (OOM, READONLY after a failover). A hold that lapsed or was closed cannot
-    come back, and any other error would only repeat.
+    (:class:`~redcredit.errors.RedisRefused`: OOM, READONLY after a failover).
+    A hold that lapsed or was closed cannot come back, and any other error
+    would only repeat.
     """
     held = None if lease.reservation is None else lease.reservation.id
     if isinstance(exc, ReservationError):
         log.warning("reservation %s can no longer be renewed: %s", held, exc)
         return False
-    if isinstance(exc, BackendUnavailable) or refused_by_redis(exc):
+    if isinstance(exc, BackendUnavailable):
         log.warning("renewing reservation %s failed, will retry: %s", held, exc)
         return True
     # Logged, not raised: the holder's own work must not fail for it, and the

@@ -16,7 +16,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from .. import validation as v
-from ..backends.redis import refused_by_redis
 from ..errors import (
     AlreadyApplied,
     BackendUnavailable,
@@ -27,6 +26,7 @@ from ..errors import (
     NotDurable,
     RateLimited,
     RedCreditError,
+    RedisCommandError,
 )
 from ..results import Reservation, SpendResult
 from .breaker import CircuitBreaker, within_deadline
@@ -152,13 +152,13 @@ class Gatekeeper:
             self.breaker.record_success()
             raise
         except BackendUnavailable:
+            # Unreachable, slow, or refusing for now (RedisRefused: OOM, READONLY...).
             self.breaker.record_failure()
             raise
-        except RedCreditError as exc:
-            if refused_by_redis(exc):
-                # OOM, READONLY after a failover and the like: no decision can be made.
-                self.breaker.record_failure()
-                raise BackendUnavailable(f"Redis refused the call: {exc}") from exc
+        except RedisCommandError:
+            # Redis answered at once, so the breaker has nothing to spare it from;
+            # the error reaches answer(), which decides it as an outage.
+            self.breaker.record_success()
             raise
         self.breaker.record_success()
         return result
@@ -266,7 +266,9 @@ class Gatekeeper:
             return Verdict(problem=self.problems.conflict(exc))
         if isinstance(exc, InsufficientFunds | RateLimited):
             return self._refused(exc, route, what)
-        if isinstance(exc, BackendUnavailable | NotDurable):
+        if isinstance(exc, BackendUnavailable | NotDurable | RedisCommandError):
+            # A Redis error no retry mends (a script error, a permission) leaves
+            # the charge as undecidable as an outage does: no 500 for either.
             return self._unavailable(exc, route, what)
         raise exc
 
