@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..core.engine import ScriptCall
 from .resp import encode_command, encode_eval, encode_evalsha
@@ -73,10 +73,15 @@ def _missing_script(call: ScriptCall, reply: Any) -> bool:
 # -- synchronous ---------------------------------------------------------------------
 
 
+# redis-py raises LOADING as a connection error; it is a reply like the others
+# (nothing ran), and the replies after it on the connection are still good.
+_REPLIES = (ResponseError, BusyLoadingError)
+
+
 def _read_sync(connection: Any) -> Any:
     try:
         return connection.read_response()
-    except ResponseError as error:
+    except _REPLIES as error:
         return error
 
 
@@ -126,7 +131,7 @@ def _exchange_sync(
 async def _read_async(connection: Any) -> Any:
     try:
         return await connection.read_response()
-    except ResponseError as error:
+    except _REPLIES as error:
         return error
 
 

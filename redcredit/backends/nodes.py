@@ -15,7 +15,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from ..config import Settings
 from ..errors import ConfigError
@@ -26,10 +26,9 @@ __all__ = [
     "AsyncNodePlan",
     "NodePlan",
     "candidates",
-    "check_not_refused_as_cluster",
     "cluster_options",
-    "decide_mode",
     "map_from",
+    "read_without_slots",
 ]
 
 
@@ -125,21 +124,29 @@ def candidates(seeds: Sequence[Address], current: SlotMap | None) -> list[Addres
     return list(dict.fromkeys([*known, *seeds]))
 
 
-def check_not_refused_as_cluster(error: ResponseError) -> None:
-    if "cluster support disabled" in str(error).lower():
+def read_without_slots(plan: NodePlan, error: ResponseError) -> None:
+    """CLUSTER SLOTS refused: a server that is no cluster node, or an ACL that forbids asking.
+
+    Under ``auto`` either means one server (a cluster node that redirects
+    later says so, naming the setting); under ``true`` the first is a
+    misconfiguration. Anything else is raised.
+    """
+    disabled = "cluster support disabled" in str(error).lower()
+    if disabled and plan.mode == "cluster":
         raise ConfigError(
             "redis_cluster is true, but this Redis is not a cluster node (it has cluster "
             "support disabled): set redis_cluster to auto or false"
         ) from error
+    if plan.mode == "auto" and (disabled or isinstance(error, NoPermissionError)):
+        plan.mode = "standalone"
+        return
+    raise error
 
 
-def decide_mode(plan: NodePlan, info: Any) -> None:
-    plan.mode = "cluster" if info.get("cluster_enabled") in (1, "1") else "standalone"
-
-
-def map_from(address: Address, cluster_slots: Any) -> SlotMap:
+def map_from(plan: NodePlan, address: Address, cluster_slots: Any) -> SlotMap:
     if cluster_slots is None:
         return SlotMap.single(address)
+    plan.mode = "cluster"
     try:
         return SlotMap.from_cluster_slots(cluster_slots, address[0])
     except ValueError as exc:

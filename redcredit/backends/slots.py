@@ -16,6 +16,7 @@ from typing import Any, Final
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    BusyLoadingError,
     ClusterDownError,
     MovedError,
     ReadOnlyError,
@@ -107,8 +108,9 @@ def next_step(reply: Any) -> Next:
         return Next.MOVED
     if isinstance(first, AskError):
         return Next.ASK
-    # READONLY: the node was a primary when the map was read, and is a replica now.
-    if isinstance(first, (TryAgainError, ClusterDownError, ReadOnlyError)):
+    # READONLY: the node was a primary when the map was read, and is a replica now;
+    # LOADING: a restarted node reading its data back.
+    if isinstance(first, (TryAgainError, ClusterDownError, ReadOnlyError, BusyLoadingError)):
         return Next.LATER
     return Next.DONE
 
@@ -146,8 +148,9 @@ class Route:
 
     def replied(self, reply: Any, mode: str, slot_map: SlotMap | None) -> float | None:
         step = next_step(reply)
-        # A server configured as one node that redirects is misconfigured: say so.
-        if step is Next.DONE or (mode == "standalone" and step is not Next.LATER):
+        # One server has no map to wait for: a redirect means it is misconfigured
+        # (the router says so), and a refusal will not change within a deadline.
+        if step is Next.DONE or mode == "standalone":
             return None
         self._redirects += 1
         if self._redirects > _MAX_REDIRECTS:

@@ -35,10 +35,9 @@ from .nodes import (
     AsyncNodePlan,
     NodePlan,
     candidates,
-    check_not_refused_as_cluster,
     cluster_options,
-    decide_mode,
     map_from,
+    read_without_slots,
 )
 from .redis import translated
 from .slots import Address, Route, SlotMap, slot_of
@@ -97,16 +96,13 @@ class Topology:
         for address in candidates(self._plan.seeds, self._map):
             try:
                 client = self.client(address)
-                if self._plan.mode == "auto":
-                    decide_mode(self._plan, client.info("cluster"))
                 slots = None
-                if self._plan.mode == "cluster":
-                    slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-                self._map = map_from(address, slots)
-            except ResponseError as exc:
-                check_not_refused_as_cluster(exc)
-                error = exc
-                continue
+                if self._plan.mode != "standalone":
+                    try:
+                        slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                    except ResponseError as exc:
+                        read_without_slots(self._plan, exc)
+                self._map = map_from(self._plan, address, slots)
             except (RedisError, OSError) as exc:
                 error = exc
                 continue
@@ -234,16 +230,13 @@ class AsyncTopology:
         for address in candidates(self._plan.seeds, self._map):
             client = redis.asyncio.Redis(connection_pool=self.pool(address))
             try:
-                if self._plan.mode == "auto":
-                    decide_mode(self._plan, await client.info("cluster"))
                 slots = None
-                if self._plan.mode == "cluster":
-                    slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-                self._map = map_from(address, slots)
-            except ResponseError as exc:
-                check_not_refused_as_cluster(exc)
-                error = exc
-                continue
+                if self._plan.mode != "standalone":
+                    try:
+                        slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                    except ResponseError as exc:
+                        read_without_slots(self._plan, exc)
+                self._map = map_from(self._plan, address, slots)
             except (RedisError, OSError) as exc:
                 error = exc
                 continue
