@@ -83,7 +83,7 @@ _ON_THE_WAY = ("lapse", "refill", "open")
 
 
 def stream_order(stream_id: str) -> tuple[int, int]:
-    """A stream id as the stream orders it (``"10-2"`` before ``"9-3"`` is false)."""
+    """A stream id as a pair that sorts as the stream does (text puts "10-2" before "9-3")."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -293,10 +293,11 @@ class Divergence:
             if sweep:
                 self._due |= {row[0] for row in open_forks(conn, self.schema)}
                 self._next_sweep = time.monotonic() + self.settings.sync_claim_idle.total_seconds()
+            # Another syncer's partitions are its own; a sweep finds them if they become ours.
             mine = sorted(a for a in self._due if self.keys.partition(a) in partitions)
             forks = [Fork.from_row(row) for row in forks_of(conn, self.schema, mine)]
             plans = [plan for f in forks if f.is_open and (plan := self.plan(conn, f))]
-        self._due -= set(mine) - {plan.fork.account for plan in plans}
+        self._due = {plan.fork.account for plan in plans}
         if not plans:
             return 0
         self._fault("before_rebase")
