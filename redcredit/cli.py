@@ -232,6 +232,8 @@ def _reconcile(args: argparse.Namespace) -> int:
         report = reconcile(settings, client, conn, sample=args.sample)
     for drift in report.drift:
         print(f"DRIFT {drift.account!r}: {drift.problem}")
+    for account in report.rebased:
+        print(f"REBASED {account!r}: its history forked from PostgreSQL's and was re-based")
     print(
         f"checked {report.accounts} accounts and {report.journal_entries} unsynced journal "
         f"entries: {len(report.drift)} drifted, {len(report.in_flight)} still changing"

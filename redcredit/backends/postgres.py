@@ -9,7 +9,7 @@ is made by the plain-SQL files in ``migrations/``, which
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -24,6 +24,7 @@ from ..errors import BackendUnavailable
 __all__ = [
     "RESTORED_KEYS_MAX",
     "AccountState",
+    "ForkRow",
     "LedgerSums",
     "account_ids",
     "account_states",
@@ -32,18 +33,25 @@ __all__ = [
     "apply_migration",
     "create_database",
     "fence_for_apply",
+    "fork_entries",
+    "forks_of",
+    "history_since",
+    "ledger_ids",
     "ledger_of",
     "ledger_size",
     "ledger_sums",
     "lock_migrations",
+    "open_fork",
+    "open_forks",
     "ping",
     "postgres_errors_translated",
     "prepare_migrations",
     "read_snapshot",
     "read_snapshot_async",
     "recent_ledger_async",
+    "record_diverged",
     "snapshot_from_row",
-    "synced_sequences",
+    "update_fork",
 ]
 
 AccountState = tuple[int, int, str, int]  # credits, chat messages, plan, sequence
@@ -169,6 +177,121 @@ def apply_entries(
     return {(account, seq) for account, seq in waiting}
 
 
+# -- divergence (the syncer): a history in Redis that forked from the ledger ---------------------
+
+# account, fork_id, fork_seq, base_credits, base_chat, base_plan, until_id, outcome, rebase_id
+ForkRow = tuple[Any, ...]
+
+
+def ledger_ids(
+    conn: psycopg.Connection[Any], schema: str, positions: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], str]:
+    """The stream id of the ledger's entry at each of these (account, seq) it holds."""
+    query = sql.SQL(
+        "SELECT l.account, l.seq, l.stream_id FROM {}.ledger AS l "
+        "JOIN unnest(%s::text[], %s::bigint[]) AS p(account, seq) USING (account, seq)"
+    ).format(sql.Identifier(schema))
+    rows = conn.execute(query, [[a for a, _ in positions], [s for _, s in positions]])
+    return {(account, seq): stream_id for account, seq, stream_id in rows}
+
+
+_FORK_COLUMNS = (
+    "account, fork_id, fork_seq, base_credits, base_chat, base_plan, until_id, outcome, rebase_id"
+)
+
+
+def forks_of(conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]) -> list[ForkRow]:
+    query = sql.SQL("SELECT {} FROM {}.rebases WHERE account = ANY(%s)").format(
+        sql.SQL(_FORK_COLUMNS), sql.Identifier(schema)
+    )
+    return conn.execute(query, [list(accounts)]).fetchall()
+
+
+def open_forks(conn: psycopg.Connection[Any], schema: str) -> list[ForkRow]:
+    query = sql.SQL("SELECT {} FROM {}.rebases WHERE outcome IS NULL").format(
+        sql.SQL(_FORK_COLUMNS), sql.Identifier(schema)
+    )
+    return conn.execute(query).fetchall()
+
+
+def open_fork(
+    conn: psycopg.Connection[Any], schema: str, first: JournalEntry, until_id: str
+) -> None:
+    """Records a fork from its first entry; the base plan is the ledger's just before it."""
+    query = sql.SQL(
+        "INSERT INTO {0}.rebases (account, fork_id, fork_seq, base_credits, base_chat, "
+        "base_plan, until_id) SELECT %s, %s, %s, %s, %s, "
+        "(SELECT plan FROM {0}.ledger WHERE account = %s AND seq = %s), %s "
+        "ON CONFLICT DO NOTHING"
+    ).format(sql.Identifier(schema))
+    base = (first.credits_after - first.credit_delta, first.chat_after - first.chat_delta)
+    conn.execute(
+        query,
+        [first.account, first.stream_id, first.seq, *base, first.account, first.seq - 1, until_id],
+    )
+
+
+def record_diverged(
+    conn: psycopg.Connection[Any], schema: str, fork_id: str, entries: Sequence[JournalEntry]
+) -> None:
+    names = (*LEDGER_COLUMNS, "fork_id")
+    query = sql.SQL(
+        "INSERT INTO {}.diverged_entries ({}) VALUES ({}) ON CONFLICT DO NOTHING"
+    ).format(
+        sql.Identifier(schema),
+        sql.SQL(", ").join(map(sql.Identifier, names)),
+        sql.SQL(", ").join(map(sql.Placeholder, names)),
+    )
+    rows = [dict(zip(names, (*entry.ledger_row(), fork_id), strict=True)) for entry in entries]
+    conn.cursor().executemany(query, rows)
+
+
+def update_fork(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    account: str,
+    fork_id: str,
+    changes: Mapping[str, Any],
+) -> None:
+    """Sets columns of a fork's row; one that got an ``outcome`` is closed now."""
+    where = sql.SQL("WHERE account = %(fork_account)s AND fork_id = %(fork_first_id)s")
+    query = sql.SQL("UPDATE {}.rebases SET ({}) = ROW({}) {}").format(
+        sql.Identifier(schema),
+        sql.SQL(", ").join(map(sql.Identifier, changes)),
+        sql.SQL(", ").join(map(sql.Placeholder, changes)),
+        where,
+    )
+    params = {**changes, "fork_account": account, "fork_first_id": fork_id}
+    conn.execute(query, params)
+    closing = sql.SQL(
+        "UPDATE {}.rebases SET closed_at = now() {} AND outcome IS NOT NULL AND closed_at IS NULL"
+    ).format(sql.Identifier(schema), where)
+    conn.execute(closing, params)
+
+
+def fork_entries(
+    conn: psycopg.Connection[Any], schema: str, account: str, fork_id: str
+) -> list[tuple[Any, ...]]:
+    """A fork's entries as kept: stream id, seq, op, both deltas, both balances after, key."""
+    query = sql.SQL(
+        "SELECT stream_id, seq, op, credit_delta, chat_delta, credits_after, chat_after, "
+        "idempotency_key FROM {}.diverged_entries WHERE account = %s AND fork_id = %s"
+    ).format(sql.Identifier(schema))
+    return conn.execute(query, [account, fork_id]).fetchall()
+
+
+def history_since(
+    conn: psycopg.Connection[Any], schema: str, account: str, seq: int, window_ms: int
+) -> list[tuple[Any, ...]]:
+    """The ledger from ``seq`` on: seq, op, both deltas, key, ms left in the key's window."""
+    query = sql.SQL(
+        "SELECT seq, op, credit_delta, chat_delta, idempotency_key, "
+        "(extract(epoch FROM server_time - now()) * 1000)::bigint + %s "
+        "FROM {}.ledger WHERE account = %s AND seq >= %s ORDER BY seq"
+    ).format(sql.Identifier(schema))
+    return conn.execute(query, [window_ms, account, seq]).fetchall()
+
+
 # -- reading an account back (the loaders) -------------------------------------------------------
 
 # The most recent keys reloaded with an account; older ones are forgotten early.
@@ -288,16 +411,6 @@ def ledger_sums(
     ).format(sql.Identifier(schema))
     rows = conn.execute(query, [list(accounts)])
     return {row[0]: (int(row[1]), int(row[2]), row[3], row[4], row[5]) for row in rows}
-
-
-def synced_sequences(
-    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
-) -> dict[str, int]:
-    """The last sequence number PostgreSQL holds, of those accounts it knows."""
-    query = sql.SQL("SELECT account, last_seq FROM {}.accounts WHERE account = ANY(%s)").format(
-        sql.Identifier(schema)
-    )
-    return {row[0]: row[1] for row in conn.execute(query, [list(accounts)])}
 
 
 # -- reads for the demo --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ SCRIPT_NAMES = (
     "debit",
     "extend",
     "hydrate",
+    "rebase",
     "reserve",
     "reset_limits",
     "set_plan",

@@ -1,7 +1,9 @@
 """Bounded memory: drop idle accounts that PostgreSQL holds in full.
 
 An account is evicted only when it has no holds (active or lapsed), every one
-of its journal entries is in PostgreSQL, and Redis has not touched it for the
+of its journal entries is in PostgreSQL (its sequence number and balances
+are PostgreSQL's: a history that forked from PostgreSQL's is kept until it
+is re-based), and Redis has not touched it for the
 idle time; the check and the delete are one script (``lua/evict.lua``). The
 next call loads the account back from PostgreSQL.
 """
@@ -16,7 +18,7 @@ from typing import Any
 import psycopg
 import redis
 
-from ..backends.postgres import postgres_errors_translated, synced_sequences
+from ..backends.postgres import account_states, postgres_errors_translated
 from ..config import Settings
 from ..core.keys import KeySpace
 from ..core.scripts import load_scripts, run_each
@@ -53,13 +55,14 @@ def evict_idle(
 
     def flush() -> None:
         with postgres_errors_translated("read from PostgreSQL which accounts it holds in full"):
-            synced = synced_sequences(conn, settings.pg_schema, pending)
+            synced = account_states(conn, settings.pg_schema, pending)
         calls = []
         for account in pending:
             account_keys = keys.for_account(account)
             # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
-            last_seq = synced.get(account, -1)
-            calls.append(([account_keys.hash, account_keys.holds], [idle_ms, last_seq]))
+            credits, chat, _plan, last_seq = synced.get(account, (-1, -1, "", -1))
+            args = [idle_ms, last_seq, credits, chat]
+            calls.append(([account_keys.hash, account_keys.holds], args))
         results = run_each(redis_client, script, calls)
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)

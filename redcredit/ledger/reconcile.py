@@ -3,7 +3,10 @@
 For every account, the balances Redis holds must equal those of the newest
 journal entry not yet in PostgreSQL, or else PostgreSQL's own; and the ledger
 of every account must sum to its balance with no gap in its sequence numbers.
-Accounts that change while being compared are checked again.
+Accounts that change while being compared are checked again. Accounts whose
+history in Redis forked from PostgreSQL's are named: once re-based they must
+agree like any other (the fork's own entries, kept apart, are not compared),
+and one whose re-base is still pending is drift.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from ..backends.postgres import (
     LedgerSums,
     account_ids,
     account_states,
+    forks_of,
     ledger_sums,
     postgres_errors_translated,
 )
 from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
+from .divergence import Fork
 
 __all__ = ["Drift", "ReconcileReport", "reconcile", "scan_accounts"]
 
@@ -45,6 +50,8 @@ class ReconcileReport:
     drift: list[Drift] = field(default_factory=list)
     # Still changing after every re-check (traffic kept them moving): not drift.
     in_flight: list[str] = field(default_factory=list)
+    # Forked from PostgreSQL's history, and re-based (or reloaded) since.
+    rebased: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -95,13 +102,23 @@ def _check(
     # be newer, so an account that moved shows as Redis ahead, never behind.
     pg = account_states(conn, settings.pg_schema, ordered)
     ledger = ledger_sums(conn, settings.pg_schema, ordered)
+    forks: dict[str, list[Fork]] = {}
+    for row in forks_of(conn, settings.pg_schema, ordered):
+        forks.setdefault(row[0], []).append(Fork.from_row(row))
+    closed = {account for account, found in forks.items() if any(not f.is_open for f in found)}
+    report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(redis_client, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
     live = _redis_states(redis_client, keys, ordered)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
-        unapplied = [e for e in journal.get(account, []) if pg_state is None or e.seq > pg_state[3]]
+        known = forks.get(account, [])
+        unapplied = [
+            e
+            for e in journal.get(account, [])
+            if (pg_state is None or e.seq > pg_state[3]) and not any(f.covers(e) for f in known)
+        ]
         newest = max(unapplied, key=lambda e: e.seq, default=None)
         expected = (
             (newest.credits_after, newest.chat_after, newest.plan, newest.seq)
@@ -110,7 +127,13 @@ def _check(
         )
         redis_state = live.get(account)
         problems: list[str] = []
-        if redis_state is not None:
+        pending = [f for f in known if f.is_open]
+        if pending:
+            problems.append(
+                f"its history in Redis forked from PostgreSQL's at entry {pending[0].fork_seq}; "
+                f"the re-base is pending"
+            )
+        elif redis_state is not None:
             if expected is None:
                 problems.append("in Redis but neither in PostgreSQL nor in the journal")
             elif redis_state[3] > expected[3]:
@@ -135,8 +158,9 @@ def _check(
 
 
 def _may_be_in_flight(problems: list[str]) -> bool:
-    # A syncer committing between our reads makes the ledger briefly disagree.
-    return any("ledger" in p for p in problems)
+    # A syncer committing between our reads makes the ledger briefly disagree;
+    # a fork is re-based by the syncer right after it finds it.
+    return any("ledger" in p or "re-base is pending" in p for p in problems)
 
 
 def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:

@@ -39,6 +39,7 @@ from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
 from ..core.scripts import load_scripts, run_each
 from ..errors import RedCreditError
+from .divergence import Divergence
 from .partitions import PartitionLeases
 
 __all__ = ["BatchGone", "SyncLag", "Syncer"]
@@ -75,6 +76,7 @@ class Syncer:
     Pass clients you own, or let the syncer create them from the settings;
     only what it created is closed by :meth:`close`. ``fault_hook`` is called
     with ``"before_commit"`` and ``"after_commit"`` (before acknowledging),
+    and by :class:`~redcredit.ledger.divergence.Divergence` around a re-base,
     for fault-injection tests.
     """
 
@@ -106,6 +108,7 @@ class Syncer:
         )
         self._ack = load_scripts()["ack"]
         self._fault = fault_hook or (lambda _stage: None)
+        self.divergence = Divergence(settings, self.redis, self.pool, self._fault)
         self._held: list[JournalEntry] = []  # read, not yet committed
         self._waiting: list[JournalEntry] = []  # committed around: an earlier entry is missing
         self._groups_ready = False
@@ -242,8 +245,9 @@ class Syncer:
         """One PostgreSQL transaction for the batch; then acknowledge and delete.
 
         Returns the entries that wait for an earlier entry of their account
-        (see :func:`~redcredit.backends.postgres.apply_entries`): neither applied nor
-        acknowledged. Raises :class:`BatchGone` (committing nothing) when
+        (see :func:`~redcredit.backends.postgres.apply_entries`), or for the
+        re-base of a fork of their account: neither applied nor acknowledged.
+        Raises :class:`BatchGone` (committing nothing) when
         Redis no longer holds the batch: it lost its data since it was read,
         and :class:`~redcredit.errors.BackendUnavailable` when PostgreSQL fails.
         """
@@ -259,17 +263,20 @@ class Syncer:
             conn.transaction(),
         ):
             fence_for_apply(conn, self.settings.pg_schema, partitions)
-            waiting = apply_entries(conn, self.settings.pg_schema, entries)
+            # A history that forked from the ledger's is kept apart (ledger/divergence.py).
+            sorting = self.divergence.sort(conn, entries)
+            waiting = apply_entries(conn, self.settings.pg_schema, sorting.apply)
             self._fault("before_commit")
             self._claim_again(by_stream, wait_for_disk=False)
         self._fault("after_commit")
+        held = sorting.held_back(waiting)
         done: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
-            if entry.position not in waiting:
+            if entry.identity not in held:
                 done[entry.stream].append(entry.stream_id)
         acks = [([stream], [self.group, *ids]) for stream, ids in done.items()]
         run_each(self.redis, self._ack, acks)
-        return [entry for entry in entries if entry.position in waiting]
+        return [entry for entry in entries if entry.identity in held]
 
     def _claim_again(self, by_stream: dict[str, list[str]], *, wait_for_disk: bool) -> None:
         """Raises :class:`BatchGone` unless Redis still has every entry of the batch.
@@ -304,6 +311,7 @@ class Syncer:
         """Reads and persists one batch; returns the number of entries persisted."""
         # Also while a batch is retried (PostgreSQL down): the partitions stay ours.
         self.renew_leases()
+        self.divergence.rebase_due(self.leases.held)
         if not self._held:
             # Entries that waited for an earlier one of their account go again,
             # with what is new (which may be that earlier one, claimed from a

@@ -62,7 +62,8 @@ def test_the_syncer_raises_and_logs_backend_unavailable(
         assert syncer.tick(budget_s=1) == 0
     failures = [r.getMessage() for r in caplog.records if "sync failed" in r.getMessage()]
     assert len(failures) == 1 and "(BackendUnavailable)" in failures[0], failures
-    assert "cannot write the batch to PostgreSQL (InvalidSchemaName" in failures[0]
+    # The batch's first statement finds no table: the schema was never made.
+    assert "cannot write the batch to PostgreSQL (UndefinedTable" in failures[0]
 
 
 def test_migrate_raises_backend_unavailable(postgres_url: str, pg_schema: str) -> None:
