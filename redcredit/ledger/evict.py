@@ -3,7 +3,8 @@
 An account is evicted only when it has no holds (active or lapsed), every one
 of its journal entries is in PostgreSQL, and Redis has not touched it for the
 idle time; the check and the delete are one script (``lua/evict.lua``). The
-next call loads the account back from PostgreSQL.
+next call loads the account back from PostgreSQL. On a Redis Cluster every
+primary is scanned, and the scripts go as one round trip per node.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-import redis
 
+from ..backends.pipelines import RedisSource, routed, run_scripts
 from ..backends.postgres import postgres_errors_translated, synced_sequences
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.keys import KeySpace
-from ..core.scripts import load_scripts, run_each
+from ..core.scripts import load_scripts
 from .reconcile import scan_accounts
 
 __all__ = ["EvictionReport", "evict_idle"]
@@ -39,11 +41,24 @@ class EvictionReport:
 
 def evict_idle(
     settings: Settings,
-    redis_client: redis.Redis,
+    redis_client: RedisSource,
     conn: psycopg.Connection[Any],
     *,
     idle: timedelta,
     batch: int = 500,
+) -> EvictionReport:
+    """``redis_client``: a client, a Topology, a URL, or None for ``settings.redis_url``."""
+    with routed(settings, redis_client) as topology:
+        return _evict_idle(settings, topology, conn, idle=idle, batch=batch)
+
+
+def _evict_idle(
+    settings: Settings,
+    topology: Topology,
+    conn: psycopg.Connection[Any],
+    *,
+    idle: timedelta,
+    batch: int,
 ) -> EvictionReport:
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     script = load_scripts()["evict"]
@@ -60,12 +75,12 @@ def evict_idle(
             # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
             last_seq = synced.get(account, -1)
             calls.append(([account_keys.hash, account_keys.holds], [idle_ms, last_seq]))
-        results = run_each(redis_client, script, calls)
+        results = run_scripts(topology, script, calls)
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)
         pending.clear()
 
-    for account in scan_accounts(redis_client, keys):
+    for account in scan_accounts(topology, keys):
         pending.append(account)
         if len(pending) >= batch:
             flush()

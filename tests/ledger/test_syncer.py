@@ -187,7 +187,7 @@ def test_a_dead_syncers_partitions_lapse_to_the_others(pg_settings: Settings) ->
             syncer._next_renewal = 0.0
             syncer.renew_leases()
         assert len(alive.leases.held) == len(dead.leases.held) == 32
-        dead.redis.close()  # dies without a word: nothing handed back
+        dead.topology.close()  # dies without a word: nothing handed back
         time.sleep(pg_settings.sync_claim_idle.total_seconds() + 0.1)
         alive._next_renewal = 0.0
         alive.renew_leases()
