@@ -5,7 +5,10 @@ given with ``--config`` (environment variables still take precedence).
 Redis and PostgreSQL are reached up front, within ``redis_connect_timeout``,
 ``redis_socket_timeout`` and ``database_timeout``, so that a server that is
 down is a one-line error with its own exit status (:class:`Exit`) instead of
-a wait, a traceback or an empty success.
+a wait, a traceback or an empty success. A Redis Cluster is configured by
+the settings alone (``REDCREDIT_REDIS_URL`` of any node, and
+``REDCREDIT_REDIS_CLUSTER``, ``auto`` by default); every primary is reached
+up front.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from enum import IntEnum
@@ -27,11 +30,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
-import redis
 from redis.exceptions import RedisError
 
+from .backends.channel import NotSent
 from .backends.postgres_loader import database_conninfo, require_database_url
-from .backends.redis import require_url, sync_client, translated
+from .backends.redis import require_url, translated
+from .backends.topology import Topology
 from .config import Settings
 from .costs import read_toml
 from .errors import BackendUnavailable, ConfigError, RedCreditError
@@ -117,22 +121,29 @@ def _check_postgres(settings: Settings) -> None:
 
 
 @contextmanager
-def _redis(settings: Settings) -> Iterator[redis.Redis]:
+def _redis(settings: Settings) -> Iterator[Topology]:
     url = require_url(settings)
-    with sync_client(settings, url) as client:
+    with closing(Topology(settings, url)) as topology:
         try:
-            client.ping()
+            for node in topology.primaries():
+                topology.client(node).ping()
+        except NotSent as exc:
+            raise _unreachable(url, exc.error) from exc.error
         except RedisError as exc:
-            error = translated(exc)
-            if type(error) is BackendUnavailable:
-                error = BackendUnavailable(f"Redis is unreachable at {masked_url(url)}: {exc}")
-            # Anything else keeps its type and its words (a login refused says so).
-            raise error from exc
-        yield client
+            raise _unreachable(url, exc) from exc
+        yield topology
+
+
+def _unreachable(url: str, error: RedisError) -> RedCreditError:
+    translated_error = translated(error)
+    if type(translated_error) is BackendUnavailable:
+        return BackendUnavailable(f"Redis is unreachable at {masked_url(url)}: {error}")
+    # Anything else keeps its type and its words (a login refused says so).
+    return translated_error
 
 
 @contextmanager
-def _both(settings: Settings) -> Iterator[tuple[redis.Redis, psycopg.Connection[Any]]]:
+def _both(settings: Settings) -> Iterator[tuple[Topology, psycopg.Connection[Any]]]:
     with _postgres(settings) as conn, _redis(settings) as client:
         yield client, conn
 
@@ -187,7 +198,7 @@ def _sync(args: argparse.Namespace) -> int:
             return Exit.OK if lag.caught_up else Exit.FAILED
 
 
-def _sync_status(settings: Settings, client: redis.Redis, *, as_json: bool) -> int:
+def _sync_status(settings: Settings, client: Topology, *, as_json: bool) -> int:
     from psycopg_pool import ConnectionPool
 
     from .ledger.syncer import Syncer

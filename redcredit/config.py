@@ -187,12 +187,12 @@ class Settings(BaseSettings):
     sync_retry_max: timedelta = timedelta(seconds=5)
     sync_group: str = "redcredit-syncer"
     # Before committing a batch, wait until Redis has its entries on disk
-    # (WAITAOF; nothing to wait for without an append-only file): a Redis that
-    # lost power and restarts from its file then never lacks what PostgreSQL
-    # holds. With appendfsync everysec a batch waits for the next fsync, which
-    # slows a syncer (about half the rate with batches of 2,000, README):
-    # raise sync_batch_size or run more syncers for the peak rate.
+    # (WAITAOF, with an append-only file) and on every replica of their node
+    # (WAIT): a Redis restarted from its file, or a promoted replica, never
+    # lacks what PostgreSQL holds. Each wait slows a syncer (README), and a
+    # lagging replica holds it back; without them a failover may lose entries.
     sync_waits_for_aof: bool = True
+    sync_waits_for_replicas: bool = True
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -91,6 +91,14 @@ class Topology:
         self._stale = True
         return self.slot_map()
 
+    def refresh_later(self) -> None:
+        """The map is read again before the next call goes out (a node refused or failed)."""
+        self._stale = True
+
+    @property
+    def retry_deadline_s(self) -> float:
+        return self._deadline_s
+
     def _load(self) -> None:
         error: RedisError | OSError | None = None
         for address in candidates(self._plan.seeds, self._map):

@@ -13,18 +13,14 @@ from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
-
-import redis
-from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = [
     "SCRIPT_NAMES",
     "STANDALONE_NAMES",
     "LuaScript",
+    "ScriptArgs",
     "load_scripts",
     "lua_dir",
-    "run_each",
 ]
 
 SCRIPT_NAMES = (
@@ -73,30 +69,5 @@ def load_scripts() -> dict[str, LuaScript]:
     return scripts
 
 
+# The arguments of one script call, after its keys.
 ScriptArgs = Sequence[str | int]
-
-
-def run_each(
-    client: redis.Redis, script: LuaScript, calls: Sequence[tuple[Sequence[str], ScriptArgs]]
-) -> list[Any]:
-    """Runs ``script`` once per ``(keys, args)``, all in one round trip; returns the replies.
-
-    Redis forgets its scripts when it restarts or is told to (SCRIPT FLUSH):
-    then the script is loaded and the calls sent again, which is safe because
-    a call that found no script did nothing. Any other error is raised.
-    """
-
-    def send() -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return pipe.execute(raise_on_error=False)
-
-    replies = send()
-    if any(isinstance(reply, NoScriptError) for reply in replies):
-        client.script_load(script.source)
-        replies = send()
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies

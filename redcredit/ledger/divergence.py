@@ -52,6 +52,7 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
+from ..backends.pipelines import run_scripts
 from ..backends.postgres import (
     RESTORED_KEYS_MAX,
     ForkRow,
@@ -66,11 +67,12 @@ from ..backends.postgres import (
     record_diverged,
     update_fork,
 )
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.journal import JournalEntry, text
 from ..core.keys import KeySpace
 from ..core.replies import Status
-from ..core.scripts import load_scripts, run_each
+from ..core.scripts import load_scripts
 from ..errors import RedCreditError
 
 __all__ = ["Divergence", "Fork", "RebasePlan", "Sorting", "sort_batch", "stream_order"]
@@ -241,14 +243,14 @@ class Divergence:
     def __init__(
         self,
         settings: Settings,
-        redis_client: redis.Redis,
+        topology: Topology,
         pool: ConnectionPool[Any],
         fault_hook: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.schema = settings.pg_schema
         self.keys = KeySpace(settings.versioned_prefix, settings.partitions)
-        self.redis = redis_client
+        self.topology = topology
         self.pool = pool
         self._script = load_scripts()["rebase"]
         self._fault = fault_hook or (lambda _stage: None)
@@ -301,7 +303,7 @@ class Divergence:
         if not plans:
             return 0
         self._fault("before_rebase")
-        replies = run_each(self.redis, self._script, [(p.keys, p.args) for p in plans])
+        replies = run_scripts(self.topology, self._script, [(p.keys, p.args) for p in plans])
         self._fault("after_rebase")
         with (
             postgres_errors_translated("record the re-bases"),

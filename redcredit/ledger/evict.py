@@ -5,7 +5,8 @@ of its journal entries is in PostgreSQL (its sequence number and balances
 are PostgreSQL's: a history that forked from PostgreSQL's is kept until it
 is re-based), and Redis has not touched it for the
 idle time; the check and the delete are one script (``lua/evict.lua``). The
-next call loads the account back from PostgreSQL.
+next call loads the account back from PostgreSQL. On a Redis Cluster every
+primary is scanned, and the scripts go as one round trip per node.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-import redis
 
+from ..backends.pipelines import RedisSource, routed, run_scripts
 from ..backends.postgres import account_states, postgres_errors_translated
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.keys import KeySpace
-from ..core.scripts import load_scripts, run_each
+from ..core.scripts import load_scripts
 from .reconcile import scan_accounts
 
 __all__ = ["EvictionReport", "evict_idle"]
@@ -41,11 +43,24 @@ class EvictionReport:
 
 def evict_idle(
     settings: Settings,
-    redis_client: redis.Redis,
+    redis_client: RedisSource,
     conn: psycopg.Connection[Any],
     *,
     idle: timedelta,
     batch: int = 500,
+) -> EvictionReport:
+    """``redis_client``: a client, a Topology, a URL, or None for ``settings.redis_url``."""
+    with routed(settings, redis_client) as topology:
+        return _evict_idle(settings, topology, conn, idle=idle, batch=batch)
+
+
+def _evict_idle(
+    settings: Settings,
+    topology: Topology,
+    conn: psycopg.Connection[Any],
+    *,
+    idle: timedelta,
+    batch: int,
 ) -> EvictionReport:
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     script = load_scripts()["evict"]
@@ -63,12 +78,12 @@ def evict_idle(
             credits, chat, _plan, last_seq = synced.get(account, (-1, -1, "", -1))
             args = [idle_ms, last_seq, credits, chat]
             calls.append(([account_keys.hash, account_keys.holds], args))
-        results = run_each(redis_client, script, calls)
+        results = run_scripts(topology, script, calls)
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)
         pending.clear()
 
-    for account in scan_accounts(redis_client, keys):
+    for account in scan_accounts(topology, keys):
         pending.append(account)
         if len(pending) >= batch:
             flush()

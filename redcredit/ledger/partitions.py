@@ -9,6 +9,10 @@ number of live syncers, is its rank by name, under a lease
 joins or leaves moves partitions within a renewal period; those of a dead one
 are free after ``sync_claim_idle``.
 
+The members set is one key, on one node; each lease is a key of its
+partition's slot, on the node that owns the partition, so on a Redis Cluster
+the leases of one renewal go as one pipeline per node.
+
 Leases keep the work apart; they are not what keeps it correct. Two syncers
 that both read a partition (one paused past its lease) still write nothing
 twice and leave no hole (:func:`~redcredit.backends.postgres.apply_entries`).
@@ -20,11 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-import redis
-
+from ..backends.pipelines import run_scripts
+from ..backends.topology import Topology
 from ..core.journal import text
 from ..core.keys import KeySpace
-from ..core.scripts import load_scripts, run_each
+from ..core.scripts import load_scripts
 
 __all__ = ["LeaseChange", "PartitionLeases", "share_of"]
 
@@ -47,9 +51,9 @@ class PartitionLeases:
     """One syncer's leases on its share of the partitions."""
 
     def __init__(
-        self, client: redis.Redis, keys: KeySpace, group: str, name: str, lease: timedelta
+        self, topology: Topology, keys: KeySpace, group: str, name: str, lease: timedelta
     ) -> None:
-        self._redis = client
+        self._topology = topology
         self._keys = keys
         self._group = group
         self._name = name
@@ -80,7 +84,7 @@ class PartitionLeases:
     def _members(self, *, leaving: bool) -> list[str]:
         key = self._keys.sync_members(self._group)
         args: list[str | int] = [self._name, self._lease_ms, "1" if leaving else "0"]
-        (names,) = run_each(self._redis, self._members_script, [([key], args)])
+        (names,) = run_scripts(self._topology, self._members_script, [([key], args)])
         return [text(name) for name in names]
 
     def _leases(self, calls: Sequence[tuple[int, str]]) -> list[int]:
@@ -89,4 +93,6 @@ class PartitionLeases:
             ([self._keys.sync_lease(p, self._group)], [self._name, self._lease_ms, mode])
             for p, mode in calls
         ]
-        return [int(reply) for reply in run_each(self._redis, self._lease_script, script_calls)]
+        return [
+            int(reply) for reply in run_scripts(self._topology, self._lease_script, script_calls)
+        ]

@@ -6,7 +6,9 @@ of every account must sum to its balance with no gap in its sequence numbers.
 Accounts that change while being compared are checked again. Accounts whose
 history in Redis forked from PostgreSQL's are named: once re-based they must
 agree like any other (the fork's own entries, kept apart, are not compared),
-and one whose re-base is still pending is drift.
+and one whose re-base is still pending is drift. On a Redis
+Cluster, every primary is scanned for accounts, and each read goes as one
+pipeline per node.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 import psycopg
 import redis
+from redis.client import Pipeline
 
+from ..backends.pipelines import Command, RedisSource, primaries, routed, run_commands
 from ..backends.postgres import (
     AccountState,
     LedgerSums,
@@ -29,6 +33,8 @@ from ..backends.postgres import (
     ledger_sums,
     postgres_errors_translated,
 )
+from ..backends.redis import redis_errors_translated
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
@@ -60,23 +66,36 @@ class ReconcileReport:
 
 def reconcile(
     settings: Settings,
-    redis_client: redis.Redis,
+    redis_client: RedisSource,
     conn: psycopg.Connection[Any],
     *,
     sample: int | None = None,
     rechecks: int = 3,
 ) -> ReconcileReport:
+    """``redis_client``: a client, a Topology, a URL, or None for ``settings.redis_url``."""
+    with routed(settings, redis_client) as topology:
+        return _reconcile(settings, topology, conn, sample=sample, rechecks=rechecks)
+
+
+def _reconcile(
+    settings: Settings,
+    topology: Topology,
+    conn: psycopg.Connection[Any],
+    *,
+    sample: int | None,
+    rechecks: int,
+) -> ReconcileReport:
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     report = ReconcileReport()
     with postgres_errors_translated("compare Redis with PostgreSQL"):
-        accounts = account_ids(conn, settings.pg_schema) | _redis_accounts(redis_client, keys)
+        accounts = account_ids(conn, settings.pg_schema) | set(scan_accounts(topology, keys))
         if sample is not None and sample < len(accounts):
             accounts = set(random.sample(sorted(accounts), sample))
         report.accounts = len(accounts)
         todo = accounts
         for attempt in range(rechecks + 1):
             final = attempt == rechecks
-            moving = _check(settings, redis_client, conn, keys, todo, report, final=final)
+            moving = _check(settings, topology, conn, keys, todo, report, final=final)
             if not moving:
                 break
             todo = moving
@@ -88,7 +107,7 @@ def reconcile(
 
 def _check(
     settings: Settings,
-    redis_client: redis.Redis,
+    topology: Topology,
     conn: psycopg.Connection[Any],
     keys: KeySpace,
     accounts: set[str],
@@ -107,9 +126,9 @@ def _check(
         forks.setdefault(row[0], []).append(Fork.from_row(row))
     closed = {account for account, found in forks.items() if any(not f.is_open for f in found)}
     report.rebased = sorted(set(report.rebased) | closed)
-    journal = _journal(redis_client, keys, accounts)
+    journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live = _redis_states(redis_client, keys, ordered)
+    live = _redis_states(topology, keys, ordered)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -178,30 +197,36 @@ def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:
     return problems
 
 
-def _redis_accounts(client: redis.Redis, keys: KeySpace) -> set[str]:
-    return set(scan_accounts(client, keys))
-
-
-def scan_accounts(client: redis.Redis, keys: KeySpace) -> Iterator[str]:
+def scan_accounts(source: Topology | redis.Redis, keys: KeySpace) -> Iterator[str]:
     """Every account Redis holds, by its hash (SCAN, so each may come more than once).
 
-    The SCAN pattern also matches the other keys of an account whose id holds
-    ``}:a:`` (the holds of ``}:a:victim`` read as ``victim``'s hash): only a
-    name that is the hash of the id read from it counts.
+    A Topology is scanned on every primary (a cluster node holds only its
+    own slots); a plain client, on its one server. The SCAN pattern also
+    matches the other keys of an account whose id holds ``}:a:`` (the holds
+    of ``}:a:victim`` read as ``victim``'s hash): only a name that is the
+    hash of the id read from it counts.
     """
-    for key in client.scan_iter(match=keys.account_pattern(), count=1000):
-        account = keys.account_from_key(key)
-        if keys.for_account(account).hash == text(key):
-            yield account
+    if isinstance(source, Topology):
+        nodes = [source.client(node) for node in primaries(source)]
+    else:
+        nodes = [source]
+    for client in nodes:
+        with redis_errors_translated():
+            for key in client.scan_iter(match=keys.account_pattern(), count=1000):
+                account = keys.account_from_key(key)
+                if keys.for_account(account).hash == text(key):
+                    yield account
 
 
 def _journal(
-    client: redis.Redis, keys: KeySpace, accounts: Iterable[str]
+    topology: Topology, keys: KeySpace, accounts: Iterable[str]
 ) -> dict[str, list[JournalEntry]]:
     wanted = set(accounts)
     found: dict[str, list[JournalEntry]] = {}
-    for stream in keys.journals():
-        for stream_id, fields in client.xrange(stream) or []:
+    streams = keys.journals()
+    ranges = [Command.of(stream, Pipeline.xrange, stream) for stream in streams]
+    for stream, messages in zip(streams, run_commands(topology, ranges).checked(), strict=True):
+        for stream_id, fields in messages or []:
             entry = parse_entry(stream, stream_id, fields)
             if entry.account in wanted:
                 found.setdefault(entry.account, []).append(entry)
@@ -209,13 +234,14 @@ def _journal(
 
 
 def _redis_states(
-    client: redis.Redis, keys: KeySpace, accounts: list[str]
+    topology: Topology, keys: KeySpace, accounts: list[str]
 ) -> dict[str, AccountState]:
-    pipe = client.pipeline(transaction=False)
+    reads = []
     for account in accounts:
-        pipe.hmget(keys.for_account(account).hash, "c", "m", "p", "s")
+        key = keys.for_account(account).hash
+        reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s"))
     states = {}
-    for account, values in zip(accounts, pipe.execute(), strict=True):
+    for account, values in zip(accounts, run_commands(topology, reads).checked(), strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))

@@ -8,13 +8,17 @@ which changes nothing the second time. Several syncers may run at once: each
 reads its own share of the partitions (:mod:`redcredit.ledger.partitions`), and the
 partitions of one that died are taken over, pending entries and all, after
 ``sync_claim_idle``.
+
+On a Redis Cluster the partitions live on several primaries: every step
+sends one pipeline per node (:mod:`redcredit.backends.pipelines`), and the
+waits that make a batch safe to commit (WAIT for the replicas, WAITAOF for
+the disk) go on the connection of each node that holds the batch's streams.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -22,49 +26,43 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from psycopg_pool import ConnectionPool
+from redis.client import Pipeline
 from redis.exceptions import ResponseError
+from redis.typing import StreamIdT
 
+from ..backends.pipelines import (
+    Command,
+    RedisSource,
+    run_commands,
+    run_scripts,
+)
 from ..backends.postgres import apply_entries, fence_for_apply, postgres_errors_translated
 from ..backends.postgres_loader import database_conninfo
-from ..backends.redis import redis_errors_translated, require_url, sync_client
+from ..backends.redis import translated
+from ..backends.topology import Topology
 from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
-from ..core.scripts import load_scripts, run_each
+from ..core.scripts import load_scripts
 from ..errors import RedCreditError
 from .divergence import Divergence
+from .durable import Confirmations
+from .lag import SyncLag, read_lag
 from .partitions import PartitionLeases
 
 __all__ = ["BatchGone", "SyncLag", "Syncer"]
 
 log = logging.getLogger("redcredit.ledger.syncer")
 
-_WAITAOF_TIMEOUT_MS = 1_500  # above appendfsync everysec's one second, below the socket timeout
-_NO_AOF = re.compile(r"appendonly is disabled|unknown command", re.IGNORECASE)
-
 
 class BatchGone(RedCreditError):
     """The journal entries of a batch are no longer in Redis (it lost its data)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SyncLag:
-    """How far PostgreSQL is behind Redis."""
-
-    entries: int  # journal entries not yet persisted (waiting or in flight)
-    pending: int  # delivered to a syncer, not yet acknowledged
-    oldest_age_ms: int | None  # age of the oldest entry not yet persisted
-
-    @property
-    def caught_up(self) -> bool:
-        return self.entries == 0
 
 
 FaultHook = Callable[[str], None]
@@ -73,8 +71,10 @@ FaultHook = Callable[[str], None]
 class Syncer:
     """Moves journal entries from Redis to PostgreSQL.
 
-    Pass clients you own, or let the syncer create them from the settings;
-    only what it created is closed by :meth:`close`. ``fault_hook`` is called
+    Pass clients you own (a ``redis.Redis``, a ``redis.cluster.RedisCluster``
+    or a :class:`~redcredit.backends.topology.Topology`), or let the syncer
+    create them from the settings; only what it created is closed by
+    :meth:`close`. ``fault_hook`` is called
     with ``"before_commit"`` and ``"after_commit"`` (before acknowledging),
     and by :class:`~redcredit.ledger.divergence.Divergence` around a re-base,
     for fault-injection tests.
@@ -83,7 +83,7 @@ class Syncer:
     def __init__(
         self,
         settings: Settings,
-        redis_client: redis.Redis | None = None,
+        redis_client: RedisSource = None,
         pool: ConnectionPool[Any] | None = None,
         *,
         consumer: str | None = None,
@@ -95,8 +95,12 @@ class Syncer:
         self._partition_of = {stream: p for p, stream in enumerate(self.streams)}
         self.group = settings.sync_group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._owns_redis = redis_client is None
-        self.redis = redis_client or sync_client(settings, require_url(settings))
+        # A client given lends its connections (one server) or its nodes and
+        # credentials (a cluster) to a router of the syncer's own.
+        self._owns_topology = not isinstance(redis_client, Topology)
+        self.topology = (
+            redis_client if isinstance(redis_client, Topology) else Topology(settings, redis_client)
+        )
         self._owns_pool = pool is None
         self.pool = pool or ConnectionPool(
             database_conninfo(settings),
@@ -108,12 +112,13 @@ class Syncer:
         )
         self._ack = load_scripts()["ack"]
         self._fault = fault_hook or (lambda _stage: None)
-        self.divergence = Divergence(settings, self.redis, self.pool, self._fault)
+        self.divergence = Divergence(settings, self.topology, self.pool, self._fault)
         self._held: list[JournalEntry] = []  # read, not yet committed
         self._waiting: list[JournalEntry] = []  # committed around: an earlier entry is missing
         self._groups_ready = False
+        self._confirmations = Confirmations(settings, self.topology)
         self.leases = PartitionLeases(
-            self.redis, self.keys, self.group, self.consumer, settings.sync_claim_idle
+            self.topology, self.keys, self.group, self.consumer, settings.sync_claim_idle
         )
         self._next_renewal = 0.0
         # Partitions whose pending entries are all ours to claim now: taken
@@ -138,25 +143,26 @@ class Syncer:
         self.stop()
         try:
             self.leases.release_all()
-        except redis.RedisError as exc:
+        except RedCreditError as exc:
             # The leases lapse by themselves; the others only wait longer.
             log.info("could not hand back the partitions: %s", exc)
         if self._owns_pool:
             self.pool.close()
-        if self._owns_redis:
-            self.redis.close()
+        if self._owns_topology:
+            self.topology.close()
 
     # -- one batch -------------------------------------------------------------
 
     def ensure_groups(self) -> None:
         if self._groups_ready:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
-        for result in pipe.execute(raise_on_error=False):
+        commands = [
+            Command.of(stream, Pipeline.xgroup_create, stream, self.group, id="0", mkstream=True)
+            for stream in self.streams
+        ]
+        for result in run_commands(self.topology, commands).replies:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-                raise result
+                raise translated(result)
         self._groups_ready = True
 
     def renew_leases(self) -> None:
@@ -165,6 +171,7 @@ class Syncer:
             return
         change = self.leases.renew()
         self._next_renewal = time.monotonic() + self.settings.sync_claim_idle.total_seconds() / 4
+        self._confirmations.forget()
         self._claim_now |= change.gained
         if change.lost:
             # Their next reader claims these from the group, pending as they are.
@@ -194,15 +201,14 @@ class Syncer:
         # all; a stream's length also counts entries in flight, so this may
         # read a little less than a batch, never much more.
         remaining = limit - len(entries)
-        pipe = self.redis.pipeline(transaction=False)
-        for p in readable:
-            pipe.xlen(self.streams[p])
-        lengths = pipe.execute()
+        lengths = run_commands(
+            self.topology,
+            [Command.of(self.streams[p], Pipeline.xlen, self.streams[p]) for p in readable],
+        ).checked()
         # Rotate the first partition read, so a busy one cannot starve the rest.
         first = self._rotation % max(len(readable), 1)
         self._rotation += 1
-        pipe = self.redis.pipeline(transaction=False)
-        asked = 0
+        reads: list[Command] = []
         for i in range(len(readable)):
             index = (first + i) % len(readable)
             if remaining <= 0:
@@ -210,25 +216,47 @@ class Syncer:
             if lengths[index]:
                 count = min(int(lengths[index]), remaining)
                 stream = self.streams[readable[index]]
-                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=count)
+                reads.append(self._read_new(stream, count))
                 remaining -= count
-                asked += 1
-        if asked:
-            for reply in pipe.execute():
+        if reads:
+            for reply in run_commands(self.topology, reads).checked():
                 for stream, messages in reply or []:
                     entries += [parse_entry(stream, sid, fields) for sid, fields in messages]
         # A claim may return what another claim in this call did.
         return list({entry.identity: entry for entry in entries}.values())
 
+    def _read_new(self, stream: str, count: int) -> Command:
+        group, consumer = self.group, self.consumer
+        return Command(
+            stream, lambda pipe: pipe.xreadgroup(group, consumer, {stream: ">"}, count=count)
+        )
+
+    def _claim_ids(self, stream: str, stream_ids: list[str]) -> Command:
+        group, consumer = self.group, self.consumer
+        ids: list[StreamIdT] = list(stream_ids)
+        return Command(
+            stream, lambda pipe: pipe.xclaim(stream, group, consumer, 0, ids, justid=True)
+        )
+
     def _claim(self, partitions: list[int], idle_ms: int, limit: int) -> list[JournalEntry]:
         """Pending entries of these partitions idle for ``idle_ms``, whoever had them."""
         if not partitions:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for p in partitions:
-            pipe.xautoclaim(self.streams[p], self.group, self.consumer, idle_ms, "0-0", count=limit)
+        claims = [
+            Command.of(
+                self.streams[p],
+                Pipeline.xautoclaim,
+                self.streams[p],
+                self.group,
+                self.consumer,
+                idle_ms,
+                "0-0",
+                count=limit,
+            )
+            for p in partitions
+        ]
         claimed: list[JournalEntry] = []
-        for p, reply in zip(partitions, pipe.execute(), strict=True):
+        for p, reply in zip(partitions, run_commands(self.topology, claims).checked(), strict=True):
             cursor, messages = text(reply[0]), reply[1]
             stream = self.streams[p]
             claimed += [parse_entry(stream, sid, fields) for sid, fields in messages if fields]
@@ -255,8 +283,8 @@ class Syncer:
         for entry in entries:
             by_stream[entry.stream].append(entry.stream_id)
         partitions = [self._partition_of[stream] for stream in by_stream]
-        if self.settings.sync_waits_for_aof:
-            self._claim_again(by_stream, wait_for_disk=True)
+        if self._confirmations.wanted:
+            self._claim_again(by_stream, confirm=True)
         with (
             postgres_errors_translated("write the batch to PostgreSQL"),
             self.pool.connection() as conn,
@@ -267,7 +295,7 @@ class Syncer:
             sorting = self.divergence.sort(conn, entries)
             waiting = apply_entries(conn, self.settings.pg_schema, sorting.apply)
             self._fault("before_commit")
-            self._claim_again(by_stream, wait_for_disk=False)
+            self._claim_again(by_stream, confirm=False)
         self._fault("after_commit")
         held = sorting.held_back(waiting)
         done: dict[str, list[str]] = defaultdict(list)
@@ -275,37 +303,28 @@ class Syncer:
             if entry.identity not in held:
                 done[entry.stream].append(entry.stream_id)
         acks = [([stream], [self.group, *ids]) for stream, ids in done.items()]
-        run_each(self.redis, self._ack, acks)
+        run_scripts(self.topology, self._ack, acks)
         return [entry for entry in entries if entry.identity in held]
 
-    def _claim_again(self, by_stream: dict[str, list[str]], *, wait_for_disk: bool) -> None:
+    def _claim_again(self, by_stream: dict[str, list[str]], *, confirm: bool) -> None:
         """Raises :class:`BatchGone` unless Redis still has every entry of the batch.
 
         Claiming the entries again tells whether each is still pending. It is
-        also a write, so a WAITAOF after it on the same connection waits for
-        the entries to be on disk: PostgreSQL must never hold an entry that a
-        Redis restarted from its append-only file forgot, or the account would
-        reuse its sequence number for another change.
+        also a write, so with ``confirm`` a WAIT and a WAITAOF after it on the
+        same connection of each node wait until the entries are on its
+        replicas and on its disk: PostgreSQL must never hold an entry that a
+        promoted replica, or a Redis restarted from its append-only file,
+        forgot, or the account would reuse its sequence number for another
+        change.
         """
-        pipe = cast(Any, self.redis.pipeline(transaction=False))
-        for stream, ids in by_stream.items():
-            pipe.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)
-        if wait_for_disk:
-            pipe.execute_command("WAITAOF", 1, 0, _WAITAOF_TIMEOUT_MS)
-        replies = pipe.execute(raise_on_error=False)
-        for (stream, ids), claimed in zip(by_stream.items(), replies, strict=False):
-            if isinstance(claimed, ResponseError) or len(claimed) != len(ids):
+        commands = [self._claim_ids(stream, ids) for stream, ids in by_stream.items()]
+        tail = self._confirmations.add if confirm else None
+        done = run_commands(self.topology, commands, tail=tail)
+        for (stream, ids), claimed in zip(by_stream.items(), done.replies, strict=True):
+            if isinstance(claimed, Exception) or len(claimed) != len(ids):
                 raise BatchGone(f"{stream} no longer holds {len(ids)} entries read from it")
-        if not wait_for_disk:
-            return
-        on_disk = replies[-1]
-        if isinstance(on_disk, ResponseError):
-            # Without an append-only file (or on a server without WAITAOF)
-            # there is nothing to wait for: a restart loses everything.
-            if not _NO_AOF.search(str(on_disk)):
-                raise on_disk
-        elif int(on_disk[0]) < 1:
-            raise RedCreditError("the journal entries were not yet on disk in Redis; will retry")
+        if confirm:
+            self._confirmations.check(done.tails)
 
     def run_once(self) -> int:
         """Reads and persists one batch; returns the number of entries persisted."""
@@ -375,6 +394,9 @@ class Syncer:
                 # Redis lost its data (a restart without persistence): the
                 # consumer groups go with it and are made again.
                 self._groups_ready = False
+            # A read whose reply was lost left entries pending to this syncer
+            # that no read of new entries returns: claim them next time.
+            self._claim_now |= self.leases.held
             self._failures += 1
             delay = min(self.settings.sync_retry_max.total_seconds(), 0.05 * 2**self._failures)
             self._retry_at = time.monotonic() + delay
@@ -400,27 +422,8 @@ class Syncer:
     # -- lag -------------------------------------------------------------------
 
     def lag(self) -> SyncLag:
-        with redis_errors_translated():
-            pipe = self.redis.pipeline(transaction=False)
-            for stream in self.streams:
-                pipe.xlen(stream)
-                pipe.xrange(stream, count=1)
-                pipe.xpending(stream, self.group)
-            pipe.time()
-            replies = pipe.execute(raise_on_error=False)
-        seconds, micros = replies[-1]
-        now_ms = seconds * 1000 + micros // 1000
-        entries = pending = 0
-        oldest: int | None = None
-        for i in range(len(self.streams)):
-            length, first, summary = replies[3 * i : 3 * i + 3]
-            entries += int(length)
-            if isinstance(summary, dict):
-                pending += int(summary.get("pending", 0))
-            if first:
-                first_ms = int(text(first[0][0]).split("-")[0])
-                oldest = first_ms if oldest is None else min(oldest, first_ms)
-        return SyncLag(entries, pending, None if oldest is None else max(now_ms - oldest, 0))
+        """Summed over the nodes (see :func:`~redcredit.ledger.lag.read_lag`)."""
+        return read_lag(self.topology, self.streams, self.group)
 
     # -- scheduling ------------------------------------------------------------
 

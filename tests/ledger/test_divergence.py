@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from redcredit import RedCredit, Settings
+from redcredit.backends.pipelines import run_scripts
 from redcredit.backends.postgres import forks_of
 from redcredit.config import PlanSettings, RefillSettings
-from redcredit.core.scripts import run_each
 from redcredit.ledger.divergence import Fork
 from redcredit.ledger.evict import evict_idle
 from redcredit.ledger.reconcile import reconcile
@@ -171,7 +171,9 @@ def test_a_fork_is_kept_apart_and_re_based(
         plan = forked.syncer.divergence.plan(pg, fork)
         assert plan is not None
         before = snapshot(client, pg_settings.key_prefix)
-        (reply,) = run_each(client, forked.syncer.divergence._script, [(plan.keys, plan.args)])
+        (reply,) = run_scripts(
+            forked.syncer.topology, forked.syncer.divergence._script, [(plan.keys, plan.args)]
+        )
         assert reply[:3] == [0, 1, b"rebased"]
         assert snapshot(client, pg_settings.key_prefix) == before
         # The grant's key came back from PostgreSQL's side: a third try applies nothing.

@@ -187,7 +187,7 @@ def test_a_dead_syncers_partitions_lapse_to_the_others(pg_settings: Settings) ->
             syncer._next_renewal = 0.0
             syncer.renew_leases()
         assert len(alive.leases.held) == len(dead.leases.held) == 32
-        dead.redis.close()  # dies without a word: nothing handed back
+        dead.topology.close()  # dies without a word: nothing handed back
         time.sleep(pg_settings.sync_claim_idle.total_seconds() + 0.1)
         alive._next_renewal = 0.0
         alive.renew_leases()
@@ -471,3 +471,24 @@ def test_standalone_sync_command_runs_until_sigterm(pg_settings: Settings, pg) -
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert "syncing as" in out
+
+
+def test_one_server_with_a_replica_commits_what_the_replica_has(
+    pg_settings: Settings, redis_factory, pg
+) -> None:
+    primary = redis_factory(extra_args=["--repl-diskless-sync-delay", "0"])
+    replica = redis_factory(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+    settings = pg_settings.model_copy(update={"redis_url": primary.url})
+    with redis.Redis(port=primary.port) as admin, redis.Redis(port=replica.port) as copy:
+        deadline = time.monotonic() + 10
+        while copy.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with RedCredit(settings=settings) as rc:
+            for i in range(30):
+                rc.spend(f"r-{i % 6}", cost=1)
+        with Syncer(settings) as syncer:
+            assert syncer.drain().caught_up
+        assert int(admin.info("commandstats")["cmdstat_wait"]["calls"]) > 0
+        admin.execute_command("WAIT", 1, 1000)  # the last acknowledgements too
+        assert assert_persisted_exactly(copy, settings, pg) == 6
