@@ -152,10 +152,12 @@ class Route:
         # (the router says so), and a refusal will not change within a deadline.
         if step is Next.DONE or mode == "standalone":
             return None
-        self._redirects += 1
-        if self._redirects > _MAX_REDIRECTS:
-            return None
         self.asking = None
+        if step is not Next.LATER:
+            # Waits are bounded by the deadline; redirects by their count as well.
+            self._redirects += 1
+            if self._redirects > _MAX_REDIRECTS:
+                return None
         if step is Next.MOVED:
             if slot_map is not None:
                 slot_map.moved(self.slot, redirect_target(reply))
