@@ -340,7 +340,6 @@ def test_our_cluster_services_are_configured_by_settings_alone(
         assert settings.database_url == plain["REDCREDIT_DATABASE_URL"]
     assert _argv(cluster_services["migrate"]) == ["redcredit", "migrate"]
     assert _argv(cluster_services["syncer"]) == ["redcredit", "sync"]
-    build_parser().parse_args(["sync"])
 
 
 def test_cluster_start_up_order(cluster_services: dict[str, dict[str, Any]]) -> None:
