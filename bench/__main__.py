@@ -35,6 +35,8 @@ only, and bounds every load both in time (``--seconds`` per run) and in count
             (its hash, holds set and reservation record), plus bytes per journal entry.
 ``http``    the demo's ``POST /v1/complete`` with and without the middleware
             (``bench/http.py``), 16 keep-alive connections.
+``cluster`` ``AsyncRedCredit.spend`` over 10k accounts on one Redis and on 3 primaries (set
+            by settings alone), at 1, 64, 256 callers and 4 processes x 64: cluster / standalone.
 
 For every point it reports calls/s (median of the runs, with min-max), the
 p50/p99/p99.9 latency of single calls (for pipelined points: the round trip of
@@ -57,9 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from redcredit.servers.redis import EmbeddedRedis
-
-from .harness import Config, Results, postgres
+from .harness import Config, Results, suite_servers
 from .report import machine_info, write
 from .sections import NAMES, SECTIONS, Section
 
@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = plan.out or Path(__file__).resolve().parent / "results" / started
     needs_postgres = any(s.postgres for s in plan.sections)
-    with EmbeddedRedis() as redis_server, postgres(needs_postgres) as pg_url:
-        url, port = redis_server.url, redis_server.port
+    needs_cluster = any(s.cluster for s in plan.sections)
+    with suite_servers(needs_postgres, needs_cluster) as (url, port, pg_url, cluster_urls):
         res = Results(started, "quick" if cfg.quick else "full", machine_info(url, pg_url))
         res.machine.update(runs=cfg.runs, seconds_per_run=cfg.seconds, max_ops=cfg.max_ops)
         for section in plan.sections:
             print(f"[{section.name}]", flush=True)
-            section.run(cfg, section.servers(url, port, pg_url), res)
+            section.run(cfg, section.servers(url, port, pg_url, cluster_urls), res)
         write(res, out)
     return 0
 

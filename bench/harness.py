@@ -9,18 +9,22 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+import redis.cluster
 
 from redcredit import AsyncRedCredit, Settings
 from redcredit.core.engine import Engine
+from redcredit.servers.cluster import EmbeddedCluster
 from redcredit.servers.postgres import EmbeddedPostgres
+from redcredit.servers.redis import EmbeddedRedis
 
 CONCURRENCY = (1, 16, 64, 256)
+CLUSTER_PRIMARIES = 3
 SPREAD_ACCOUNTS = 10_000
 BIG = 2**52
 
@@ -50,10 +54,15 @@ class Servers:
     redis_url: str
     port: int | None = None
     pg_url: str | None = None
+    cluster_nodes: tuple[str, ...] | None = None  # every node's URL, the first a way in
 
     @property
     def redis_port(self) -> int:
         return self._declared(self.port, "the Redis port")
+
+    @property
+    def cluster_urls(self) -> tuple[str, ...]:
+        return self._declared(self.cluster_nodes, "a Redis Cluster")
 
     @property
     def postgres_url(self) -> str:
@@ -79,6 +88,7 @@ class Point:
     calls: int
     note: str = ""
     postgres_cpu: float | None = None
+    client_cpu_us_per_call: float | None = None  # this client's CPU time over the calls made
 
     @property
     def rate(self) -> float:
@@ -139,6 +149,11 @@ def redis_cpu(url: str) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def redis_cpu_of(urls: Sequence[str]) -> float:
+    """CPU seconds of several servers (the nodes of a cluster), summed."""
+    return sum(redis_cpu(url) for url in urls)
+
+
 async def drive(
     make_op: MakeOp, concurrency: int, seconds: float, max_ops: int
 ) -> tuple[int, float, list[float]]:
@@ -182,16 +197,21 @@ def measure(
     callers: int,
     run_once: RunOnce,
     note: str = "",
+    redis_urls: Sequence[str] = (),
 ) -> Point:
-    """Repeats ``run_once`` (calls, wall, latencies, client cpu-seconds) ``cfg.runs`` times."""
+    """Repeats ``run_once`` (calls, wall, latencies, client cpu-seconds) ``cfg.runs`` times.
+
+    Redis CPU is that of ``redis_url``, or the sum over ``redis_urls`` (a cluster's nodes).
+    """
+    servers = list(redis_urls) or [redis_url]
     rates: list[float] = []
     latencies: list[float] = []
     cpu = wall = rcpu = pcpu = 0.0
     calls = 0
     for _ in range(cfg.runs):
-        r0, p0 = redis_cpu(redis_url), pg_cpu()
+        r0, p0 = redis_cpu_of(servers), pg_cpu()
         done, elapsed, lat, cpu_s = run_once()
-        rcpu += redis_cpu(redis_url) - r0
+        rcpu += redis_cpu_of(servers) - r0
         p1 = pg_cpu()
         pcpu += (p1 - p0) if p0 is not None and p1 is not None else 0.0
         rates.append(done / elapsed)
@@ -213,6 +233,7 @@ def measure(
         calls,
         note,
         pcpu / wall if section == "db" else None,
+        cpu / calls * 1e6 if calls else None,
     )
     print(f"  {system:<34} {callers:>4}  {point.rate:>10,.0f}/s  p99 {point.p99_ms:6.2f} ms")
     return point
@@ -227,6 +248,7 @@ def async_point(
     setup: Setup,
     note: str = "",
     workers: int | None = None,
+    redis_urls: Sequence[str] = (),
 ) -> Point:
     """An asyncio load in this process; ``setup`` gives the op factory and a cleanup.
 
@@ -237,7 +259,7 @@ def async_point(
     def run_once() -> tuple[int, float, list[float], float]:
         return asyncio.run(drive_setup(setup, workers or callers, cfg.seconds, cfg.max_ops))
 
-    return measure(cfg, redis_url, section, system, callers, run_once, note)
+    return measure(cfg, redis_url, section, system, callers, run_once, note, redis_urls)
 
 
 # --- loads ----------------------------------------------------------------------------------
@@ -299,8 +321,18 @@ def rc_settings(redis_url: str, **update: Any) -> Settings:
 
 def trim_journals(settings: Settings) -> None:
     """Spends are journaled; dropping the streams between points keeps Redis memory flat."""
+    journals = Engine(settings).keys.journals()
+    if settings.redis_cluster is True:
+        # One key at a time: the streams live in as many slots as there are partitions.
+        cluster = redis.cluster.RedisCluster.from_url(str(settings.redis_url))
+        try:
+            for journal in journals:
+                cluster.delete(journal)
+        finally:
+            cluster.close()
+        return
     with redis.Redis.from_url(str(settings.redis_url)) as conn:
-        conn.delete(*Engine(settings).keys.journals())
+        conn.delete(*journals)
 
 
 def warm(settings: Settings, accounts: list[str]) -> None:
@@ -327,3 +359,26 @@ def postgres(needed: bool) -> Iterator[str | None]:
         if server.pid is not None:
             PG_PID[:] = [server.pid]
         yield server.url
+
+
+@contextlib.contextmanager
+def cluster(needed: bool) -> Iterator[tuple[str, ...] | None]:
+    """The URL of every node of a cluster of ``CLUSTER_PRIMARIES`` primaries, if needed."""
+    if not needed:
+        yield None
+        return
+    with EmbeddedCluster(primaries=CLUSTER_PRIMARIES) as started:
+        yield tuple(started.urls)
+
+
+@contextlib.contextmanager
+def suite_servers(
+    postgres_needed: bool, cluster_needed: bool
+) -> Iterator[tuple[str, int, str | None, tuple[str, ...] | None]]:
+    """The suite's Redis (URL and port), and PostgreSQL and a cluster when a section needs them."""
+    with (
+        EmbeddedRedis() as server,
+        postgres(postgres_needed) as pg_url,
+        cluster(cluster_needed) as cluster_urls,
+    ):
+        yield server.url, server.port, pg_url, cluster_urls

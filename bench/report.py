@@ -15,6 +15,7 @@ import psycopg
 import redis
 
 from .harness import Point, Results
+from .sections import cluster
 
 
 def machine_info(redis_url: str, pg_url: str | None) -> dict[str, Any]:
@@ -82,6 +83,23 @@ def ratios(res: Results) -> list[dict[str, Any]]:
             "drain / highest spend rate", value, ">= 1.5x", value is not None and value >= 1.5
         )
     )
+    for processes, callers in (
+        (1, 64),
+        (cluster.PROCESSES, cluster.PROCESSES * cluster.CALLERS_PER_PROCESS),
+    ):
+        one = res.find(cluster.system(cluster.STANDALONE, processes), callers)
+        many = res.find(cluster.system(cluster.CLUSTER, processes), callers)
+        shape = cluster.described(processes, callers)
+        add(f"cluster / standalone calls/s, {shape}", many, one, 0.9)
+        cpu = cluster.cpu_ratio(many, one)
+        out.append(
+            ratio_row(
+                f"cluster / standalone client CPU per call, {shape}",
+                cpu,
+                "<= 1.3x",
+                cpu is not None and cpu <= 1.3,
+            )
+        )
     idle = res.memory.get("idle_account_bytes")
     out.append(
         ratio_row(

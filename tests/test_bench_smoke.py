@@ -12,6 +12,7 @@ import pytest
 
 from bench.__main__ import parse
 from bench.sections import NAMES, SECTIONS
+from bench.sections import cluster as cluster_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +46,37 @@ def test_quick_bench_runs_and_writes_results(tmp_path: Path) -> None:
     assert (out / "throughput.png").is_file() and (out / "p99.png").is_file()
 
 
+def test_quick_cluster_section_sets_a_cluster_beside_one_redis(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--only", "cluster",
+            "--runs", "2", "--seconds", "0.2", "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["redis_cluster"] == "3 primaries, no replicas"
+    points = {(p["system"], p["callers"]): p for p in data["points"]}
+    for kind in (cluster_section.STANDALONE, cluster_section.CLUSTER):
+        shapes = [(cluster_section.system(kind), n) for n in (1, 64, 256)]
+        shapes.append((cluster_section.system(kind, 4), 256))
+        for shape in shapes:
+            point = points[shape]
+            assert point["rate"] > 0 and point["client_cpu_us_per_call"] > 0
+            assert point["redis_cpu"] > 0 and "calls per round trip" in point["note"]
+    # Many accounts, so every node of the cluster has its share.
+    per_node = data["extra"]["cluster: keys per node after warming 10k accounts"]
+    assert len(per_node) == 3 and min(per_node) > 1000
+    ratios = {r["measure"]: r for r in data["ratios"]}
+    for shape in ("64 callers", "4 processes x 64 callers"):
+        for measure in ("calls/s", "client CPU per call"):
+            row = ratios[f"cluster / standalone {measure}, {shape}"]
+            assert row["status"] in {"met", "MISSED"} and row["value"] > 0
+    assert "cluster / standalone, 256 callers" in data["extra"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registered_section_is_selectable_and_documented(name: str) -> None:
     plan = parse(["--quick", "--only", name])
@@ -74,3 +106,8 @@ def test_a_section_gets_only_the_servers_it_declares() -> None:
         _ = servers.postgres_url
     with pytest.raises(LookupError, match="the Redis port"):
         _ = servers.redis_port
+    with pytest.raises(LookupError, match="'memory' does not declare that it needs a Redis Cl"):
+        _ = servers.cluster_urls
+    cluster = next(s for s in SECTIONS if s.name == "cluster")
+    nodes = ("redis://127.0.0.1:3", "redis://127.0.0.1:4")
+    assert cluster.servers("redis://127.0.0.1:1", 1, None, nodes).cluster_urls == nodes

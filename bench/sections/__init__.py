@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..harness import Config, Results, Servers
-from . import ceiling, clients, http, limits, memory, reservations, write_behind
+from . import ceiling, clients, cluster, http, limits, memory, reservations, write_behind
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,15 @@ class Section:
     run: Callable[[Config, Servers, Results], None]
     redis_port: bool = False  # connects by host and port, not through redcredit's URL
     postgres: bool = False  # PostgreSQL starts only when a selected section needs it
+    cluster: bool = False  # so does a Redis Cluster
 
-    def servers(self, redis_url: str, redis_port: int, postgres_url: str | None) -> Servers:
+    def servers(
+        self,
+        redis_url: str,
+        redis_port: int,
+        postgres_url: str | None,
+        cluster_urls: tuple[str, ...] | None = None,
+    ) -> Servers:
         """Only what this section declares, so that an undeclared need fails even when another
         selected section happens to have started the server."""
         return Servers(
@@ -24,6 +31,7 @@ class Section:
             redis_url,
             redis_port if self.redis_port else None,
             postgres_url if self.postgres else None,
+            cluster_urls if self.cluster else None,
         )
 
 
@@ -39,5 +47,6 @@ SECTIONS = (
     Section("syncer", write_behind.run_syncer, postgres=True),
     Section("memory", memory.run),
     Section("http", http.run, postgres=True),
+    Section("cluster", cluster.run, cluster=True),
 )
 NAMES = tuple(section.name for section in SECTIONS)
