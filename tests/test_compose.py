@@ -36,8 +36,7 @@ import yaml
 from redcredit import Settings
 from redcredit.backends.migrate import migrate
 from redcredit.cli import build_parser
-from redcredit.servers.cluster import _SpareNode
-from redcredit.servers.redis import find_redis_server
+from redcredit.servers.redis import EmbeddedRedis, find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -301,7 +300,10 @@ def test_the_init_script_makes_six_real_nodes_a_cluster_once(
     env = os.environ | {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     with ExitStack() as stack:
         # Nodes with no slots, as the containers start.
-        nodes = [stack.enter_context(_SpareNode(cluster=True)) for _ in _nodes(cluster_services)]
+        nodes = [
+            stack.enter_context(EmbeddedRedis(cluster=True, cluster_slots=range(0)))
+            for _ in _nodes(cluster_services)
+        ]
         for node, service in zip(nodes, _nodes(cluster_services).values(), strict=True):
             script = script.replace(f"{_address(service)}:6379", f"127.0.0.1:{node.port}")
             script = script.replace(f"-h {_address(service)}", f"-h 127.0.0.1 -p {node.port}")

@@ -32,13 +32,6 @@ __all__ = ["EmbeddedCluster"]
 _SLOTS = 16384
 
 
-class _SpareNode(EmbeddedRedis):
-    """A cluster node that claims no slots: it joins a cluster and is made a replica there."""
-
-    def _after_start(self, deadline: float) -> None:
-        return
-
-
 class EmbeddedCluster:
     """``primaries`` primaries with an even share of the slots each, and their replicas.
 
@@ -132,11 +125,11 @@ class EmbeddedCluster:
             count = self._primary_count
             bounds = [index * _SLOTS // count for index in range(count + 1)]
             primaries = [
-                stack.enter_context(self._node(EmbeddedRedis, range(start, stop)))
+                stack.enter_context(self._node(range(start, stop)))
                 for start, stop in itertools.pairwise(bounds)
             ]
             replicas = [
-                stack.enter_context(self._node(_SpareNode, None))
+                stack.enter_context(self._node(range(0)))  # made a replica once formed
                 for _ in range(count * self._replica_count)
             ]
             try:
@@ -174,11 +167,11 @@ class EmbeddedCluster:
     def _describe(self) -> str:
         return f"{self._primary_count} primaries x {self._replica_count} replicas"
 
-    def _node(self, kind: type[EmbeddedRedis], slots: range | None) -> EmbeddedRedis:
+    def _node(self, slots: range) -> EmbeddedRedis:
         extra = list(self.extra_args)
         if self.password is not None:
             extra += ["--masterauth", self.password]
-        return kind(
+        return EmbeddedRedis(
             cluster=True,
             cluster_slots=slots,
             password=self.password,
