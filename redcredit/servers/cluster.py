@@ -199,6 +199,10 @@ class _Formation:
     def run(self) -> None:
         clients = [self._client(node) for node in self.nodes]
         try:
+            # Distinct epochs from the start: no collision for the nodes to settle
+            # first, and a later failover's election goes the same way each time.
+            for epoch, client in enumerate(clients, start=1):
+                _command(client, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
             # Each replica follows its primary before the others meet them, so
             # they learn its role in their first exchange instead of by gossip
             # (seconds later, with the default node timeout).

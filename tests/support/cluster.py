@@ -11,7 +11,6 @@ redis-py clients.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
@@ -26,6 +25,7 @@ import redis
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 
+from redcredit.servers.cluster import EmbeddedCluster
 from redcredit.servers.redis import EmbeddedRedis
 
 SLOTS = 16384
@@ -151,18 +151,13 @@ class ClusterHarness:
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs a primary, and no replica count is negative")
         self.timeout_s = timeout_s
-        bounds = [SLOTS * i // primaries for i in range(primaries + 1)]
         # Short, so a killed primary is suspected after 1 s and replaced in about 2 s.
         args = ("--cluster-node-timeout", str(node_timeout_ms), *_NODE_ARGS, *extra_args)
-        self.servers: list[EmbeddedRedis] = [
-            EmbeddedRedis(cluster=True, cluster_slots=range(a, b), extra_args=args)
-            for a, b in itertools.pairwise(bounds)
-        ]
-        # Replica j of primary i is servers[primaries + i * replicas + j].
-        self.servers += [
-            EmbeddedRedis(cluster=True, cluster_slots=range(0), extra_args=args)
-            for _ in range(primaries * replicas)
-        ]
+        self._cluster = EmbeddedCluster(
+            primaries, replicas_per_primary=replicas, extra_args=args, startup_timeout=timeout_s
+        )
+        # Replica j of primary i is servers[primaries + i * replicas + j], once started.
+        self.servers: list[EmbeddedRedis] = []
         self._primaries, self._replicas = primaries, replicas
         self._ids: dict[int, str] = {}
         self._admins: dict[int, redis.Redis] = {}
@@ -183,21 +178,10 @@ class ClusterHarness:
         return self
 
     def _form(self) -> None:
+        self._cluster.start()
+        self.servers = [*self._cluster.primaries, *self._cluster.replicas]
         for server in self.servers:
-            server.start()
-        for epoch, server in enumerate(self.servers, start=1):
             self._ids[server.port] = self._text(server, "CLUSTER", "MYID")
-            # Distinct epochs from the start: no collision for the nodes to settle.
-            self._admin(server).execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
-        # Every pair meets directly: gossip would take a few node timeouts.
-        for i, server in enumerate(self.servers):
-            for other in self.servers[i + 1 :]:
-                self._admin(server).execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
-        self._until(self._all_met, "every node to know every other")
-        for i, primary in enumerate(self.servers[: self._primaries]):
-            for j in range(self._replicas):
-                replica = self.servers[self._primaries + i * self._replicas + j]
-                self._admin(replica).execute_command("CLUSTER", "REPLICATE", self.node_id(primary))
         self.wait_ok()
 
     def close(self) -> None:
@@ -437,14 +421,6 @@ class ClusterHarness:
             self._paused.add(port)
         else:
             self._paused.discard(port)
-
-    def _all_met(self) -> bool:
-        want = len(self.servers)
-        for server in self.servers:
-            entries = _parse_nodes(self._text(server, "CLUSTER", "NODES"))
-            if len(entries) != want or any(e.failing for e in entries):
-                return False
-        return True
 
     def _map_of(self, server: EmbeddedRedis) -> tuple[_Map | None, str]:
         """The node's map when it is ok and every live node is in it, healthy; else why not."""
