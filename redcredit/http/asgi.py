@@ -184,7 +184,30 @@ class CreditGate(KeptGate):
                 "which the cost table does not define"
             )
 
+    def _warming(self, receive: Receive) -> Receive:
+        """At the server's startup the client learns the server (one node or a cluster).
+
+
+        So the first requests do not spend their short deadline on it. Redis
+        out of reach at startup is no reason to refuse to start: the routes'
+        policies answer for it, and the first call tries again.
+        """
+
+        async def receive_and_warm() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                try:
+                    await self.client.ready()
+                except RedCreditError as exc:
+                    log.warning("Redis is not reachable at startup: %s", exc)
+            return message
+
+        return receive_and_warm
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._warming(receive), send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

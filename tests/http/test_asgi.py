@@ -401,7 +401,11 @@ async def test_non_http_scopes_pass_through_untouched(arc: AsyncRedCredit) -> No
     for scope in ({"type": "lifespan"}, {"type": "websocket", "path": "/chat", "headers": []}):
         await gate_(scope, receive, send)
     assert [s["type"] for s, _, _ in seen] == ["lifespan", "websocket"]
-    assert all(r is receive and s is send for _, r, s in seen)
+    assert all(s is send for _, _, s in seen)
+    assert seen[1][1] is receive
+    # The lifespan's messages reach the app as they came; at startup the client is made ready.
+    assert await seen[0][1]() == {"type": "lifespan.startup"}
+    assert arc.topology.is_cluster is False
 
 
 async def test_one_start_message_and_every_chunk_in_order(arc: AsyncRedCredit) -> None:
