@@ -187,7 +187,6 @@ class CreditGate(KeptGate):
     def _warming(self, receive: Receive) -> Receive:
         """At the server's startup the client learns the server (one node or a cluster).
 
-
         So the first requests do not spend their short deadline on it. Redis
         out of reach at startup is no reason to refuse to start: the routes'
         policies answer for it, and the first call tries again.
