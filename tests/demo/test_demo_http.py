@@ -10,11 +10,19 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from redcredit.servers.spawn import free_port
 
 
-def test_demo_serves_the_gated_chat_api(redis_url: str, postgres_url: str, pg_schema: str) -> None:
+@pytest.mark.parametrize(
+    "redis", ["redis_url", "three_primary_cluster_url"], ids=["one-node", "cluster"]
+)
+def test_demo_serves_the_gated_chat_api(
+    redis: str, postgres_url: str, pg_schema: str, request: pytest.FixtureRequest
+) -> None:
+    """On one server, and on a cluster of three primaries by REDCREDIT_REDIS_URL alone."""
+    redis_url = request.getfixturevalue(redis)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDCREDIT_")}
     env.update(
