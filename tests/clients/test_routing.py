@@ -23,11 +23,14 @@ from tests.support.cluster import three_primaries
 def script_replies_dropped(target_port: int) -> Iterator[int]:
     """A proxy that cuts the connection in place of the reply to the first script call.
 
-    The script has reached Redis and run: only its reply is lost.
+    The script has reached Redis and run: only its reply is lost. Everything
+    else, before and after (a re-sent script too), passes both ways.
     """
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     stop = threading.Event()
+
+    dropped = threading.Event()
 
     def serve() -> None:
         listener.settimeout(0.2)
@@ -45,8 +48,9 @@ def script_replies_dropped(target_port: int) -> Iterator[int]:
                         break
                     upstream.sendall(request)
                     reply = upstream.recv(65536)
-                    if b"EVALSHA" in request:
-                        return  # the script ran; its reply never arrives
+                    if b"EVALSHA" in request and not dropped.is_set():
+                        dropped.set()
+                        break  # the script ran; its reply never arrives
                     client.sendall(reply)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -279,3 +283,24 @@ async def test_ready_reads_the_map_at_startup_or_says_redis_is_unreachable(
             await client.ready()
     with RedCredit(settings=gone) as sync_client, pytest.raises(BackendUnavailable):
         sync_client.ready()
+
+
+def test_a_client_passed_in_does_not_resend_with_its_own_retries(
+    redis_url: str, settings: Settings
+) -> None:
+    """redis-py's default retries would re-send the script whose reply was lost; not here."""
+    probe = RedCredit(settings=settings.model_copy(update={"redis_url": redis_url}))
+    probe.grant("torn-given", 50)
+    probe.spend("torn-given", cost=0)
+    upstream = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with script_replies_dropped(upstream) as port:
+        retrying = redis.Redis(
+            port=port,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 3),
+            retry_on_error=[redis.exceptions.ConnectionError],
+        )
+        with RedCredit(retrying, settings=settings) as client, pytest.raises(BackendUnavailable):
+            client.spend("torn-given", cost=7)
+        retrying.close()
+    assert probe.balance("torn-given").credits == 150 - 7
+    probe.close()
