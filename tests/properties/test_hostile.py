@@ -438,6 +438,7 @@ def cases_for(method: str, live: ReservationRef) -> list[Case]:
 # Public methods without a case, and why.
 EXEMPT = {
     "close": "takes no argument",
+    "ready": "takes no argument",
     # Drives an operation the engine built; the engine checks every argument
     # while building it, before run() is called (every case here does so).
     # A non-operation passed to run() directly still surfaces as Python's
