@@ -83,9 +83,6 @@ class ClusterWorld(Ground):
     def checks_client(self) -> redis.RedisCluster:
         return redis.RedisCluster.from_url(self.cluster.url)
 
-    def partition_of(self, account: str) -> int:
-        return self.keys.partition(account)
-
     # -- faults ----------------------------------------------------------------
 
     def failed_over(

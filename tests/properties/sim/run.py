@@ -186,6 +186,7 @@ def _failover_figures(
     figures["the oldest of them, answered before its failover (ms)"] = round(
         max((age for _, age in lost), default=0) * 1000
     )
+    figures["lagging failovers no election settled (TAKEOVER)"] = world.cluster.takeovers
     figures["keys applied more than once"] = doubled
     # CLUSTER FAILOVER hands over only once the replica has every write.
     graceful = figures["acknowledged calls lost, per cluster_failover"]
