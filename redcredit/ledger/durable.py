@@ -8,6 +8,14 @@ its streams (the syncer claims the entries again), the same connection asks
 for ``WAIT <replicas>`` and ``WAITAOF 1 0``: both wait for the writes that
 connection made, and so for the entries before them. A node with no replica
 has nothing to wait for, nor has one without an append-only file.
+
+Which replicas count: on a Redis Cluster, every replica the node lists as
+its own and does not yet suspect (not ``fail?`` nor ``fail``), connected or
+not. A replica whose link just dropped (paused, partitioned) still stands
+for election, so a batch waits for it until it returns or the cluster gives
+up on it (the node timeout); counting only the connected ones would commit,
+in that window, entries a promoted replica lacks. On one server, the
+connected replicas.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from ..backends.redis import redis_errors_translated, translated
 from ..backends.slots import Address, SlotMap
 from ..backends.topology import Topology
 from ..config import Settings
+from ..core.journal import text
 from ..errors import RedCreditError
 
 __all__ = ["Confirmations"]
@@ -34,6 +43,7 @@ _WAITAOF_TIMEOUT_MS: Final = (
 # or gone, and the batch waits for the next try.
 _WAIT_TIMEOUT_MS: Final = 1_000
 _NO_AOF: Final = re.compile(r"appendonly is disabled|unknown command", re.IGNORECASE)
+_SUSPECTED: Final = frozenset({"fail?", "fail", "noaddr", "handshake"})
 
 
 class Confirmations:
@@ -108,7 +118,23 @@ class Confirmations:
             self._read_with = current
         replicas = self._replicas.get(node)
         if replicas is None:
+            client = self._topology.client(node)
             with redis_errors_translated():
-                info = self._topology.client(node).info("replication")
-            replicas = self._replicas[node] = int(info.get("connected_slaves", 0))
+                info = client.info("replication")
+                replicas = int(info.get("connected_slaves", 0))
+                if self._topology.is_cluster:
+                    listed = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+                    replicas = max(replicas, _unsuspected_replicas(listed))
+            self._replicas[node] = replicas
         return replicas
+
+
+def _unsuspected_replicas(nodes: bytes | str) -> int:
+    """How many replicas of the node that answered CLUSTER NODES it does not suspect."""
+    lines = [line.split() for line in text(nodes).splitlines()]
+    me = next((fields[0] for fields in lines if len(fields) > 3 and "myself" in fields[2]), None)
+    return sum(
+        1
+        for fields in lines
+        if len(fields) > 3 and fields[3] == me and not set(fields[2].split(",")) & _SUSPECTED
+    )

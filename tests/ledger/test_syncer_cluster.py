@@ -175,6 +175,63 @@ def test_wait_goes_to_the_node_of_the_batch_and_holds_back_what_its_replica_lack
         assert _ledger_rows(pg, settings) == persisted + 1
 
 
+def _until_listed_as_replica(primary: EmbeddedRedis, replica: EmbeddedRedis) -> None:
+    """Gossip tells a primary whose replica a new node is a moment after it syncs."""
+    with redis.Redis(port=primary.port) as node, redis.Redis(port=replica.port) as other:
+        primary_id = node.execute_command("CLUSTER", "MYID")
+        replica_id = other.execute_command("CLUSTER", "MYID")
+        deadline = time.monotonic() + 10
+        while not any(
+            line.startswith(replica_id)
+            for line in node.execute_command("CLUSTER", "REPLICAS", primary_id)
+        ):
+            assert time.monotonic() < deadline, "the primary never listed its replica"
+            time.sleep(0.05)
+
+
+def test_a_replica_whose_link_dropped_still_holds_the_batch_back(
+    replicated: tuple[list[EmbeddedRedis], EmbeddedRedis], pg_settings: Settings, pg
+) -> None:
+    """The primary cut a paused replica off: none connected, yet it may still be promoted."""
+    nodes, replica = replicated
+    # Leases renewed every 0.1 s, each renewal reading the replica counts again.
+    settings = pg_settings.model_copy(
+        update={
+            "redis_url": nodes[1].url,
+            "sync_retry_max": timedelta(milliseconds=100),
+            "sync_claim_idle": timedelta(milliseconds=400),
+        }
+    )
+    with Syncer(settings) as syncer:
+        with RedCredit(settings=settings) as rc:
+            keys = rc.engine.keys
+            on_first = next(
+                f"d-{i}"
+                for i in range(200)
+                if rc.topology.node_of(keys.for_account(f"d-{i}").hash)[1] == nodes[0].port
+            )
+            rc.spend(on_first, cost=1)
+            assert syncer.drain(timeout_s=20).caught_up
+            persisted = _ledger_rows(pg, settings)
+            assert replica.pid is not None
+            _until_listed_as_replica(nodes[0], replica)
+            os.kill(replica.pid, signal.SIGSTOP)
+            try:
+                with redis.Redis(port=nodes[0].port) as primary:
+                    primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
+                    assert primary.info("replication")["connected_slaves"] == 0
+                rc.spend(on_first, cost=1)
+                for _ in range(2):
+                    time.sleep(0.15)  # past a renewal and the backoff
+                    assert syncer.tick(budget_s=0.1) == 0
+                assert _ledger_rows(pg, settings) == persisted
+            finally:
+                os.kill(replica.pid, signal.SIGCONT)
+        time.sleep(0.2)  # past the backoff
+        assert syncer.drain(timeout_s=20).caught_up
+        assert _ledger_rows(pg, settings) == persisted + 1
+
+
 def test_a_slot_moving_under_the_syncer(
     replicated: tuple[list[EmbeddedRedis], EmbeddedRedis], pg_settings: Settings, pg
 ) -> None:

@@ -1,4 +1,4 @@
-"""``python -m tests.properties.sim [--seed N] [--duration S] [--workers W] [--accounts A]``."""
+"""``python -m tests.properties.sim [--cluster] [--seed N] [--duration S] [--workers W] [--accounts A]``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load and faults")
     parser.add_argument("--workers", type=int, default=48)
     parser.add_argument("--accounts", type=int, default=40)
+    parser.add_argument(
+        "--cluster", action="store_true", help="on a Redis Cluster: 3 primaries, 3 replicas"
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    report = simulate(seed, args.duration, workers=args.workers, accounts=args.accounts)
+    report = simulate(
+        seed, args.duration, workers=args.workers, accounts=args.accounts, cluster=args.cluster
+    )
     print(report.text())
     print("\n".join(["fault schedule:", *report.fault_log]))
     return 1 if report.violations else 0

@@ -6,6 +6,7 @@ Each check returns the violations it found, as sentences; none means it holds.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,7 @@ def conserved(ledger: dict[str, list[Row]], conn: psycopg.Connection[Any]) -> li
 
 
 def same_in_redis(
-    ledger: dict[str, list[Row]], client: redis.Redis, settings: Settings
+    ledger: dict[str, list[Row]], client: redis.Redis | redis.RedisCluster, settings: Settings
 ) -> list[str]:
     space = KeySpace(settings.versioned_prefix, settings.partitions)
     problems = [
@@ -137,14 +138,7 @@ def never_oversold(ledger: dict[str, list[Row]], loss_times: list[int]) -> list[
     return problems
 
 
-def exactly_once(
-    calls: list[Call], ledger: dict[str, list[Row]], losses: list[Loss]
-) -> tuple[list[str], list[float]]:
-    """Every key's effect is in the ledger once, or was lost in the unsynced window of a loss.
-
-    Returns the violations, and for each acknowledged call lost that way how
-    long before the loss it was answered (s).
-    """
+def keyed_entries(ledger: dict[str, list[Row]]) -> dict[str, list[Row]]:
     by_key: dict[str, list[Row]] = defaultdict(list)
     for rows in ledger.values():
         for row in rows:
@@ -152,8 +146,28 @@ def exactly_once(
             # a refill, the opening balances), under its key: those are not its effect.
             if row.key is not None and row.op not in SIDE_ENTRIES:
                 by_key[row.key].append(row)
-    problems = [f"key {k} applied {len(v)} times" for k, v in by_key.items() if len(v) > 1]
-    lost_ages = []
+    return by_key
+
+
+def applied_twice(ledger: dict[str, list[Row]]) -> list[str]:
+    by_key = keyed_entries(ledger)
+    return [f"key {k} applied {len(v)} times" for k, v in by_key.items() if len(v) > 1]
+
+
+def exactly_once(
+    calls: list[Call],
+    ledger: dict[str, list[Row]],
+    losses: list[Loss],
+    partition_of: Callable[[str], int],
+) -> tuple[list[str], list[tuple[int, float]]]:
+    """Every key's effect is in the ledger once, or was lost in the unsynced window of a loss.
+
+    Returns the violations, and for each acknowledged call lost that way the
+    loss that took it (its index) and how long before it the call was answered (s).
+    """
+    by_key = keyed_entries(ledger)
+    problems = applied_twice(ledger)
+    lost: list[tuple[int, float]] = []
     for call in calls:
         if call.key is None:
             continue
@@ -164,20 +178,26 @@ def exactly_once(
             continue
         # Not in PostgreSQL: only allowed if a later loss of Redis took it
         # before any syncer had committed it.
+        partition = partition_of(call.account)
         taken_by = [
-            loss
-            for loss in losses[call.epoch_before :]
-            if call.sequence > loss.synced.get(call.account, 0)
+            index
+            for index, loss in enumerate(losses)
+            if index >= call.epoch_before
+            and loss.takes(partition)
+            and call.sequence > loss.synced.get(call.account, 0)
         ]
         if taken_by:
-            lost_ages.append(taken_by[0].monotonic - call.answered_at)
+            lost.append((taken_by[0], losses[taken_by[0]].monotonic - call.answered_at))
         else:
             problems.append(f"acknowledged {call.kind} {call.key} (seq {call.sequence}) is missing")
-    return problems, lost_ages
+    return problems, lost
 
 
 def holds_lapsed(
-    holds: list[Hold], ledger: dict[str, list[Row]], client: Any, loss_times: list[int]
+    holds: list[Hold],
+    ledger: dict[str, list[Row]],
+    losses: list[Loss],
+    partition_of: Callable[[str], int],
 ) -> list[str]:
     """Holds of killed clients ended by themselves, at their deadline and not before."""
     problems = []
@@ -186,7 +206,10 @@ def holds_lapsed(
         lapse = entries.get((hold.account, hold.id, "lapse"))
         if lapse is None:
             made_ms = hold.deadline_ms - HOLD_TTL_S * 1000
-            if not any(lost >= made_ms for lost in loss_times):  # a loss took it with it
+            partition = partition_of(hold.account)
+            if not any(  # a loss took it with it
+                loss.server_ms >= made_ms and loss.takes(partition) for loss in losses
+            ):
                 problems.append(f"hold {hold.id} on {hold.account} never lapsed")
         elif lapse.ms < hold.deadline_ms:
             problems.append(f"hold {hold.id} lapsed at {lapse.ms}, before {hold.deadline_ms}")
@@ -195,7 +218,20 @@ def holds_lapsed(
     return problems
 
 
-def no_drift(settings: Settings, client: redis.Redis, conn: psycopg.Connection[Any]) -> list[str]:
+def never_forked(conn: psycopg.Connection[Any]) -> list[str]:
+    """PostgreSQL never held an entry that Redis lost, so no history forked and was re-based."""
+    problems = []
+    for table in ("diverged_entries", "rebases"):
+        for account, n in conn.execute(
+            f'SELECT account, count(*) FROM "{SCHEMA}".{table} GROUP BY account ORDER BY account'
+        ).fetchall():
+            problems.append(f"{account} has {n} rows in {table}")
+    return problems
+
+
+def no_drift(
+    settings: Settings, client: redis.Redis | redis.RedisCluster, conn: psycopg.Connection[Any]
+) -> list[str]:
     report = reconcile(settings, client, conn)
     return [f"{d.account}: {d.problem}" for d in report.drift] + [
         f"{a}: still moving" for a in report.in_flight

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from tests.properties.sim.world import HOLD_TTL_S, World
+from tests.properties.sim.world import HOLD_TTL_S, Ground, World
 
 KINDS = (
     "redis_sigkill_aof_restart",
@@ -42,7 +42,9 @@ def schedule(
 
 
 class Injector:
-    def __init__(self, world: World, seed: int) -> None:
+    """Does each fault of a schedule at its moment; those of the single server here."""
+
+    def __init__(self, world: Ground, seed: int) -> None:
         self.world = world
         self.rng = random.Random(seed ^ 0x5EED)
         self.done: Counter[str] = Counter()
@@ -58,12 +60,21 @@ class Injector:
 
     def actions(self) -> dict[str, Callable[[], None]]:
         world = self.world
+        assert isinstance(world, World)
         return {
             "redis_sigkill_aof_restart": lambda: world.redis_killed_then_restarted(
                 lose_everything=False
             ),
             "redis_restart_empty": lambda: world.redis_killed_then_restarted(lose_everything=True),
             "script_flush": lambda: world.admin.script_flush(),
+            **self.common_actions(),
+            "network_stall": self._network_stall,
+        }
+
+    def common_actions(self) -> dict[str, Callable[[], None]]:
+        """The faults that need no particular Redis: PostgreSQL, syncers, a client."""
+        world = self.world
+        return {
             "postgres_stop_start": lambda: world.postgres_stopped_then_started(
                 self.rng.uniform(0.3, 1.5)
             ),
@@ -73,7 +84,6 @@ class Injector:
             "client_killed_holding_reservations": lambda: world.client_with_holds(
                 self.rng.sample(HOLDER_ACCOUNTS, 3)
             ),
-            "network_stall": self._network_stall,
         }
 
     def _syncer_sigkill(self) -> None:
@@ -93,6 +103,7 @@ class Injector:
             self.world.kill_syncer(name)
 
     def _network_stall(self) -> None:
+        assert isinstance(self.world, World)
         self.world.proxy.pause()
         time.sleep(self.rng.uniform(0.5, 1.5))  # past the client's 0.4 s socket timeout
         self.world.proxy.resume()

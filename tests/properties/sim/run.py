@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-import redis
 
 from redcredit import AsyncRedCredit, RedCreditError
+from redcredit.core.keys import KeySpace
 from redcredit.ledger.syncer import Syncer
 from tests.properties.sim import checks
-from tests.properties.sim.faults import HOLDER_ACCOUNTS, Injector, lease_margin_s, schedule
+from tests.properties.sim.cluster import (
+    CLUSTER_KINDS,
+    FAILOVER_KINDS,
+    ClusterInjector,
+    ClusterWorld,
+)
+from tests.properties.sim.faults import (
+    HOLDER_ACCOUNTS,
+    KINDS,
+    Injector,
+    lease_margin_s,
+    schedule,
+)
 from tests.properties.sim.workload import Clients
 from tests.properties.sim.world import World
 
@@ -26,9 +39,11 @@ class Report:
     figures: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     fault_log: list[str] = field(default_factory=list)
+    cluster: bool = False
 
     def text(self) -> str:
-        lines = [f"simulation seed={self.seed} duration={self.duration_s:.0f}s"]
+        on = " on a cluster (3 primaries, 3 replicas)" if self.cluster else ""
+        lines = [f"simulation seed={self.seed} duration={self.duration_s:.0f}s{on}"]
         lines += [f"  {name}: {value}" for name, value in self.figures.items()]
         lines.append(f"  faults injected: {sum(self.faults.values())}")
         lines += [f"    {kind}: {n}" for kind, n in sorted(self.faults.items())]
@@ -37,14 +52,18 @@ class Report:
             lines += [f"    {v}" for v in self.violations]
         else:
             lines.append("  every invariant held")
+        mode = " --cluster" if self.cluster else ""
         lines.append(
-            f"  reproduce: python -m tests.properties.sim --seed {self.seed} --duration {self.duration_s:.0f}"
+            f"  reproduce: python -m tests.properties.sim{mode} --seed {self.seed} --duration {self.duration_s:.0f}"
         )
         return "\n".join(lines)
 
 
-def simulate(seed: int, duration_s: float, *, workers: int = 48, accounts: int = 40) -> Report:
-    world = World.start()
+def simulate(
+    seed: int, duration_s: float, *, workers: int = 48, accounts: int = 40, cluster: bool = False
+) -> Report:
+    """One run; ``cluster``: on a Redis Cluster with replicas, with the faults of a cluster."""
+    world: World | ClusterWorld = ClusterWorld.start() if cluster else World.start()
     try:
         return asyncio.run(_simulate(world, seed, duration_s, workers, accounts))
     finally:
@@ -52,16 +71,20 @@ def simulate(seed: int, duration_s: float, *, workers: int = 48, accounts: int =
 
 
 async def _simulate(
-    world: World, seed: int, duration_s: float, workers: int, accounts: int
+    world: World | ClusterWorld, seed: int, duration_s: float, workers: int, accounts: int
 ) -> Report:
-    report = Report(seed, duration_s)
+    report = Report(seed, duration_s, cluster=isinstance(world, ClusterWorld))
     names = [f"acct-{i}" for i in range(accounts)]
-    injector = Injector(world, seed)
+    injector: Injector
+    if isinstance(world, ClusterWorld):
+        injector, kinds = ClusterInjector(world, seed, names), CLUSTER_KINDS
+    else:
+        injector, kinds = Injector(world, seed), KINDS
     async with AsyncRedCredit(settings=world.settings) as arc:
         clients = Clients(arc, names, seed, epoch=lambda: world.epoch)
         load = asyncio.create_task(clients.run(workers))
         started = time.monotonic()
-        await injector.run(schedule(seed, duration_s), started)
+        await injector.run(schedule(seed, duration_s, kinds), started)
         await asyncio.sleep(max(0.0, started + duration_s - time.monotonic()))
         clients.stopping.set()
         await load
@@ -92,32 +115,41 @@ async def _settled_balance(arc: AsyncRedCredit, account: str) -> Any:
     return None
 
 
-def _drain_and_check(world: World, clients: Clients, injector: Injector, report: Report) -> None:
+def _drain_and_check(
+    world: World | ClusterWorld, clients: Clients, injector: Injector, report: Report
+) -> None:
     with Syncer(world.direct) as syncer:
         lag = syncer.drain(timeout_s=120)
     for name in list(world.syncers):
         world.kill_syncer(name)
     findings = checks.Findings()
     findings.add("journal drained", [] if lag.caught_up else [f"{lag.entries} entries left"])
-    loss_times = [loss.server_ms for loss in world.losses]
+    # A failover loses only what its primary had not replicated: the holds
+    # before it live on; a total loss ends them all.
+    loss_times = [loss.server_ms for loss in world.losses if loss.partitions is None]
+    partition_of = KeySpace(world.direct.versioned_prefix, world.direct.partitions).partition
     record = clients.record
     findings.add("no exception outside RedCreditError", record.escaped)
     findings.add("no balance read showed available < 0", record.oversold)
-    client = redis.Redis.from_url(world.redis.url)
+    client = world.checks_client()
     with psycopg.connect(world.postgres.url, autocommit=True) as conn:
         ledger = checks.read_ledger(conn)
         findings.add("ledger: no gap, no duplicate", checks.sequences_without_gaps(ledger))
         findings.add("conservation in PostgreSQL", checks.conserved(ledger, conn))
         findings.add("Redis equals PostgreSQL", checks.same_in_redis(ledger, client, world.direct))
         findings.add("never oversold (ledger replay)", checks.never_oversold(ledger, loss_times))
-        problems, lost_ages = checks.exactly_once(record.calls, ledger, world.losses)
+        problems, lost = checks.exactly_once(record.calls, ledger, world.losses, partition_of)
         findings.add("every keyed call applied once", problems)
         findings.add(
             "holds of killed clients lapsed at their deadline",
-            checks.holds_lapsed(world.holds, ledger, client, loss_times),
+            checks.holds_lapsed(world.holds, ledger, world.losses, partition_of),
         )
+        if isinstance(world, ClusterWorld):
+            findings.add("no history forked (diverged_entries empty)", checks.never_forked(conn))
         findings.add("reconcile reports no drift", checks.no_drift(world.direct, client, conn))
+        doubled = checks.applied_twice(ledger)
     client.close()
+    lost_ages = [age for _, age in lost]
     report.figures.update(checks.tally(record.calls))
     report.figures.update(
         {
@@ -125,12 +157,41 @@ def _drain_and_check(world: World, clients: Clients, injector: Injector, report:
             "accounts": len(ledger),
             "ledger entries persisted": sum(len(rows) for rows in ledger.values()),
             "holds of killed clients": len(world.holds),
-            "Redis total losses": len(world.losses),
-            "acknowledged calls lost in the unsynced window of a total loss": len(lost_ages),
-            "the oldest of them, answered before its loss (ms)": round(
-                max(lost_ages, default=0) * 1000
-            ),
         }
     )
+    if isinstance(world, ClusterWorld):
+        report.figures.update(_failover_figures(world, lost, len(doubled), findings))
+    else:
+        report.figures.update(
+            {
+                "Redis total losses": len(world.losses),
+                "acknowledged calls lost in the unsynced window of a total loss": len(lost_ages),
+                "the oldest of them, answered before its loss (ms)": round(
+                    max(lost_ages, default=0) * 1000
+                ),
+            }
+        )
     report.figures.update(findings.figures)
     report.violations += findings.violations
+
+
+def _failover_figures(
+    world: ClusterWorld, lost: list[tuple[int, float]], doubled: int, findings: checks.Findings
+) -> dict[str, Any]:
+    per_loss = Counter(index for index, _ in lost)
+    figures: dict[str, Any] = {}
+    for kind in FAILOVER_KINDS:
+        counts = [per_loss[i] for i, loss in enumerate(world.losses) if loss.kind == kind]
+        figures[f"acknowledged calls lost, per {kind}"] = counts
+    figures["the oldest of them, answered before its failover (ms)"] = round(
+        max((age for _, age in lost), default=0) * 1000
+    )
+    figures["lagging failovers no election settled (TAKEOVER)"] = world.cluster.takeovers
+    figures["keys applied more than once"] = doubled
+    # CLUSTER FAILOVER hands over only once the replica has every write.
+    graceful = figures["acknowledged calls lost, per cluster_failover"]
+    findings.add(
+        "a graceful failover lost no acknowledged call",
+        [f"{n} lost in failover {i + 1}" for i, n in enumerate(graceful) if n],
+    )
+    return figures

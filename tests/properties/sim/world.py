@@ -46,7 +46,7 @@ PLANS = {
 }
 
 
-def sim_settings(redis_url: str, database_url: str) -> Settings:
+def sim_settings(redis_url: str, database_url: str, **more: Any) -> Settings:
     return Settings(
         redis_url=redis_url,
         key_prefix="sim",
@@ -63,6 +63,7 @@ def sim_settings(redis_url: str, database_url: str) -> Settings:
         sync_claim_idle=timedelta(seconds=1),
         sync_batch_size=400,
         sync_retry_max=timedelta(milliseconds=500),
+        **more,
     )
 
 
@@ -78,58 +79,30 @@ class Hold:
 
 @dataclass(frozen=True)
 class Loss:
-    """Redis restarted without its data."""
+    """Redis restarted without its data, or a failover that may have lost the newest writes."""
 
     server_ms: int  # Redis time just before
     monotonic: float  # this process's clock, to age what the calls acknowledged
     synced: dict[str, int]  # last sequence number PostgreSQL held per account, just after
+    kind: str = "restart"  # the fault that caused it
+    partitions: frozenset[int] | None = None  # those it could take; None: every one
+
+    def takes(self, partition: int) -> bool:
+        return self.partitions is None or partition in self.partitions
 
 
-@dataclass
-class World:
-    """Redis (AOF, fsync always) behind a stallable proxy, PostgreSQL, and syncer processes."""
+@dataclass(kw_only=True)
+class Ground:
+    """What every mode has: PostgreSQL, the syncer processes, the killed clients' holds."""
 
-    redis: EmbeddedRedis
-    proxy: NetProxy
     postgres: EmbeddedPostgres
-    settings: Settings  # the application's: through the proxy
-    direct: Settings  # the syncers' and the checks': straight to Redis
-    admin: redis.Redis
+    settings: Settings  # the application's
+    direct: Settings  # the syncers' and the checks'
     syncers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     holds: list[Hold] = field(default_factory=list)
-    epoch: int = 0  # how many times Redis lost everything
+    epoch: int = 0  # how many losses (see Loss) so far
     losses: list[Loss] = field(default_factory=list)
     _serial: int = 0
-
-    @classmethod
-    def start(cls, syncers: int = 2) -> World:
-        # fsync always: a SIGKILLed Redis keeps every write it acknowledged.
-        server = EmbeddedRedis(appendonly=True, extra_args=["--appendfsync", "always"]).start()
-        proxy = NetProxy(server.port).start()
-        postgres = EmbeddedPostgres().start()
-        app = sim_settings(f"redis://127.0.0.1:{proxy.port}/0", postgres.url)
-        with psycopg.connect(postgres.url, autocommit=True) as conn:
-            migrate(conn, SCHEMA)
-        world = cls(
-            redis=server,
-            proxy=proxy,
-            postgres=postgres,
-            settings=app,
-            direct=app.model_copy(update={"redis_url": server.url}),
-            admin=redis.Redis.from_url(server.url, socket_timeout=5),
-        )
-        for _ in range(syncers):
-            world.spawn_syncer()
-        return world
-
-    def close(self) -> None:
-        for process in self.syncers.values():
-            process.kill()
-            process.wait()
-        self.admin.close()
-        self.proxy.close()
-        self.redis.stop()
-        self.postgres.close()
 
     # -- processes -------------------------------------------------------------
 
@@ -183,6 +156,63 @@ class World:
 
     # -- faults ----------------------------------------------------------------
 
+    def postgres_stopped_then_started(self, down_s: float) -> None:
+        self.postgres.stop()
+        time.sleep(down_s)
+        self.postgres.start()
+
+    # -- reading state ---------------------------------------------------------
+
+    def persisted_seqs(self) -> dict[str, int]:
+        with psycopg.connect(self.postgres.url, autocommit=True) as conn:
+            rows = conn.execute(f'SELECT account, last_seq FROM "{SCHEMA}".accounts').fetchall()
+        return dict(rows)
+
+
+@dataclass(kw_only=True)
+class World(Ground):
+    """Redis (AOF, fsync always) behind a stallable proxy, PostgreSQL, and syncer processes."""
+
+    redis: EmbeddedRedis
+    proxy: NetProxy
+    admin: redis.Redis
+    # settings: through the proxy; direct: straight to Redis.
+
+    @classmethod
+    def start(cls, syncers: int = 2) -> World:
+        # fsync always: a SIGKILLed Redis keeps every write it acknowledged.
+        server = EmbeddedRedis(appendonly=True, extra_args=["--appendfsync", "always"]).start()
+        proxy = NetProxy(server.port).start()
+        postgres = EmbeddedPostgres().start()
+        app = sim_settings(f"redis://127.0.0.1:{proxy.port}/0", postgres.url)
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            migrate(conn, SCHEMA)
+        world = cls(
+            redis=server,
+            proxy=proxy,
+            postgres=postgres,
+            settings=app,
+            direct=app.model_copy(update={"redis_url": server.url}),
+            admin=redis.Redis.from_url(server.url, socket_timeout=5),
+        )
+        for _ in range(syncers):
+            world.spawn_syncer()
+        return world
+
+    def close(self) -> None:
+        for process in self.syncers.values():
+            process.kill()
+            process.wait()
+        self.admin.close()
+        self.proxy.close()
+        self.redis.stop()
+        self.postgres.close()
+
+    def checks_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url)
+
+    # -- faults ----------------------------------------------------------------
+
     def redis_killed_then_restarted(self, *, lose_everything: bool) -> None:
         if lose_everything:
             loss_ms, loss_at = self.server_ms(), time.monotonic()
@@ -198,18 +228,8 @@ class World:
         time.sleep(0.2)
         self.redis.restart()
 
-    def postgres_stopped_then_started(self, down_s: float) -> None:
-        self.postgres.stop()
-        time.sleep(down_s)
-        self.postgres.start()
-
     # -- reading state ---------------------------------------------------------
 
     def server_ms(self) -> int:
         seconds, micros = self.admin.time()
         return int(seconds) * 1000 + int(micros) // 1000
-
-    def persisted_seqs(self) -> dict[str, int]:
-        with psycopg.connect(self.postgres.url, autocommit=True) as conn:
-            rows = conn.execute(f'SELECT account, last_seq FROM "{SCHEMA}".accounts').fetchall()
-        return dict(rows)
