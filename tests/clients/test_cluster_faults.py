@@ -97,13 +97,20 @@ async def test_a_graceful_failover_under_load_loses_and_doubles_nothing(
     assert _missing(load) == {}
 
 
-async def test_a_killed_primary_under_load_loses_and_doubles_nothing(
+async def test_a_killed_primary_under_load_doubles_nothing(
     cluster_harness: ClusterHarness,
 ) -> None:
     victim = cluster_harness.primaries[1]
+    served_by_victim = {a for a in ACCOUNTS if _primary_of(cluster_harness, a) is victim}
     load = await _under_load(cluster_harness, lambda: cluster_harness.kill_primary(victim))
-    print(f"killed primary: {sum(load.failures.values())} tries failed, {load.calls} applied")
-    assert _missing(load) == {}
+    missing = _missing(load)
+    print(f"killed primary: {sum(load.failures.values())} tries failed, {load.calls} applied, "
+          f"{sum(missing.values())} acknowledged lost")  # fmt: skip
+    # Replication is asynchronous: what the replica had not yet received when
+    # its primary died is lost (on loopback, usually nothing). Never doubled,
+    # and never on another primary's accounts.
+    assert all(delta > 0 for delta in missing.values())
+    assert set(missing) <= served_by_victim
     # Calls to the dead primary's slots failed until its replica took over,
     # and were retried with their keys.
     assert set(load.failures) <= {"BackendUnavailable", "RedisRefused"}
