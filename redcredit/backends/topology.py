@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import redis
 import redis.asyncio
@@ -43,6 +43,8 @@ from .redis import translated
 from .slots import Address, Route, SlotMap, slot_of
 
 __all__ = ["AsyncTopology", "Topology"]
+
+_ROUND_TRIPS_IN_FLIGHT: Final = 4
 
 
 Source = str | redis.Redis | redis.cluster.RedisCluster | None
@@ -276,8 +278,14 @@ class AsyncTopology:
             async def send(calls: list[ScriptCall]) -> list[Any]:
                 return await round_trip_async(pool, calls)
 
+            # One budget of round trips in flight for the whole client, shared by
+            # the nodes: four on one server, one per node on three primaries.
+            # Spread thinner, every node's batches would shrink and the client
+            # pay a round trip for a few calls (bench: cluster section).
+            nodes = len(self._map.primaries) if self._map is not None else 1
+            in_flight = max(1, _ROUND_TRIPS_IN_FLIGHT // nodes)
             coalescer = self._coalescers.setdefault(
-                address, Coalescer(send, max_batch=self._max_batch)
+                address, Coalescer(send, max_batch=self._max_batch, max_in_flight=in_flight)
             )
         return coalescer
 
