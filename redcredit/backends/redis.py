@@ -70,12 +70,12 @@ def require_url(settings: Settings) -> str:
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
-    """Options for the clients redcredit creates itself.
+    """Options for the connections redcredit opens itself.
 
-    A timed-out script may have run, so it is never re-sent automatically
-    (redis-py's default would re-send it, and a spend could be applied twice);
-    only a failure to connect or write is retried, once. Callers that must
-    retry ambiguous outcomes do so with an idempotency key.
+    Scripts never go through redis-py's retries (backends/channel.py sends
+    them by hand: a script whose reply was lost may have run). The retry
+    here serves the other commands — map reads, the syncer's stream reads —
+    which are safe to send again after a failed connection.
     """
     return {
         "socket_timeout": _seconds(settings.redis_socket_timeout),
@@ -92,32 +92,6 @@ def url_options(url: object, *, asyncio_: bool) -> dict[str, Any]:
         assert isinstance(url, str)
         parse = redis.asyncio.connection.parse_url if asyncio_ else redis.connection.parse_url
         return dict(parse(url))
-
-
-def sync_client(settings: Settings, url: str) -> redis.Redis:
-    # A blocking pool makes a burst of callers queue for a connection instead
-    # of failing with "too many connections".
-    _check_tls(url)
-    with _url_checked(url):
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=settings.redis_max_connections,
-            timeout=_seconds(settings.redis_connect_timeout),
-            **connection_options(settings),
-        )
-    return redis.Redis.from_pool(pool)
-
-
-def async_client(settings: Settings, url: str) -> redis.asyncio.Redis:
-    _check_tls(url)
-    with _url_checked(url):
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=settings.redis_max_connections,
-            timeout=_seconds(settings.redis_connect_timeout),
-            **connection_options(settings),
-        )
-    return redis.asyncio.Redis.from_pool(pool)
 
 
 @contextmanager
