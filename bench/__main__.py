@@ -37,6 +37,7 @@ only, and bounds every load both in time (``--seconds`` per run) and in count
             (``bench/http.py``), 16 keep-alive connections.
 ``cluster`` ``AsyncRedCredit.spend`` over 10k accounts on one Redis and on 3 primaries (set
             by settings alone), at 1, 64, 256 callers and 4 processes x 64: cluster / standalone.
+``cluster-drain`` the syncer's drain into PostgreSQL from one Redis and from 3 primaries.
 
 For every point it reports calls/s (median of the runs, with min-max), the
 p50/p99/p99.9 latency of single calls (for pipelined points: the round trip of

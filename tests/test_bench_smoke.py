@@ -50,7 +50,7 @@ def test_quick_cluster_section_sets_a_cluster_beside_one_redis(tmp_path: Path) -
     out = tmp_path / "results"
     done = subprocess.run(
         [
-            sys.executable, "-m", "bench", "--quick", "--only", "cluster",
+            sys.executable, "-m", "bench", "--quick", "--only", "cluster,cluster-drain",
             "--runs", "2", "--seconds", "0.2", "--out", str(out),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
@@ -75,6 +75,8 @@ def test_quick_cluster_section_sets_a_cluster_beside_one_redis(tmp_path: Path) -
             row = ratios[f"cluster / standalone {measure}, {shape}"]
             assert row["status"] in {"met", "MISSED"} and row["value"] > 0
     assert "cluster / standalone, 256 callers" in data["extra"]
+    # The syncer drained the same journal from both, in the same run.
+    assert float(data["extra"]["syncer drain, cluster / standalone"].rstrip("x")) > 0
 
 
 @pytest.mark.parametrize("name", NAMES)

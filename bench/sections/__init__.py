@@ -6,7 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..harness import Config, Results, Servers
-from . import ceiling, clients, cluster, http, limits, memory, reservations, write_behind
+from . import (
+    ceiling,
+    clients,
+    cluster,
+    cluster_drain,
+    http,
+    limits,
+    memory,
+    reservations,
+    write_behind,
+)
 
 
 @dataclass(frozen=True)
@@ -48,5 +58,6 @@ SECTIONS = (
     Section("memory", memory.run),
     Section("http", http.run, postgres=True),
     Section("cluster", cluster.run, cluster=True),
+    Section("cluster-drain", cluster_drain.run, postgres=True, cluster=True),
 )
 NAMES = tuple(section.name for section in SECTIONS)
