@@ -73,6 +73,17 @@ def _missing_script(call: ScriptCall, reply: Any) -> bool:
 # -- synchronous ---------------------------------------------------------------------
 
 
+# What redis-py's parser raises, besides its own errors, when a connection is
+# cut while a reply is read (its reader already gone).
+_TORN = (AttributeError, IndexError, ValueError)
+
+
+def _broken(error: Exception) -> RedisConnectionError:
+    return RedisConnectionError(
+        f"the connection broke while the reply was read ({type(error).__name__}: {error})"
+    )
+
+
 # redis-py raises LOADING as a connection error; it is a reply like the others
 # (nothing ran), and the replies after it on the connection are still good.
 _REPLIES = (ResponseError, BusyLoadingError)
@@ -104,6 +115,10 @@ def round_trip(
             for index, reply in zip(retry, again, strict=True):
                 replies[index] = reply
         return replies
+    except _TORN as error:
+        # redis-py's own state of a connection torn mid-reply: an outage, typed.
+        connection.disconnect()  # type: ignore[no-untyped-call]
+        raise _broken(error) from error
     except BaseException:
         # A reply may be half read: the connection cannot be reused.
         connection.disconnect()  # type: ignore[no-untyped-call]
@@ -152,6 +167,10 @@ async def round_trip_async(
             for index, reply in zip(retry, again, strict=True):
                 replies[index] = reply
         return replies
+    except _TORN as error:
+        # redis-py's own state of a connection torn mid-reply: an outage, typed.
+        await connection.disconnect()
+        raise _broken(error) from error
     except BaseException:
         await connection.disconnect()
         raise
