@@ -62,10 +62,19 @@ def masked_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(rf"\g<1>{_MASK}", url)
 
 
+# Long enough not to stand inside ordinary words by chance: masked wherever it appears.
+_LONG_SECRET = 8
+
+
 def without_secrets(text: str, *urls: str | None) -> str:
     """``text`` with the passwords of ``urls``, and of any URL it quotes, shown as ``***``."""
     for secret in sorted({s for url in urls if url for s in url_secrets(url)}, key=len)[::-1]:
-        text = text.replace(secret, _MASK)
+        if len(secret) >= _LONG_SECRET:
+            text = text.replace(secret, _MASK)
+        else:
+            # A short password also spells parts of words ("a" in "Redis"): masked
+            # where it stands alone, so the message stays readable.
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", _MASK, text)
     return _ANY_USERINFO.sub(rf"\g<1>{_MASK}@", text)
 
 

@@ -1222,3 +1222,25 @@ def test_syncer_logs_postgres_errors_without_the_password(
     assert len(failures) == 2, messages
     assert "does not exist" in failures[1]
     _assert_hidden(_log_text(caplog), "sync-dead-pw", live_secret)
+
+
+@pytest.mark.parametrize(
+    ("password", "text", "shown"),
+    [
+        # A short password is masked where it stands alone, not inside words.
+        (
+            "a",
+            "Redis says a is wrong for redis://:a@host:1",
+            "Redis says *** is wrong for redis://:***@host:1",
+        ),
+        ("ab", "login ab refused (about abc)", "login *** refused (about abc)"),
+        # A long one wherever it appears, even glued to other characters.
+        ("hunter2hunter2", "xhunter2hunter2y", "x***y"),
+    ],
+)
+def test_a_password_is_masked_and_the_message_stays_readable(
+    password: str, text: str, shown: str
+) -> None:
+    from redcredit.secrets import without_secrets
+
+    assert without_secrets(text, f"redis://:{password}@host:1") == shown
