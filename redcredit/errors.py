@@ -11,6 +11,7 @@ __all__ = [
     "AlreadyApplied",
     "BackendUnavailable",
     "BalanceOverflow",
+    "BatchGone",
     "ConfigError",
     "EmbeddedServerError",
     "IdempotencyConflict",
@@ -229,6 +230,11 @@ class RedisAuthError(BackendUnavailable):
 
 class NotDurable(BackendUnavailable):
     """A change was applied in Redis but not confirmed durable (AOF or replica) in time."""
+
+
+class BatchGone(RedCreditError):
+    """The journal entries a syncer read are no longer pending in Redis: another syncer
+    took them over, or Redis lost its data. The syncer commits none of them."""
 
 
 class EmbeddedServerError(RedCreditError):

@@ -50,7 +50,7 @@ from ..config import Settings
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
 from ..core.scripts import load_scripts
-from ..errors import RedCreditError
+from ..errors import BatchGone, RedCreditError
 from .divergence import Divergence
 from .durable import Confirmations
 from .lag import SyncLag, read_lag
@@ -59,10 +59,6 @@ from .partitions import PartitionLeases
 __all__ = ["BatchGone", "SyncLag", "Syncer"]
 
 log = logging.getLogger("redcredit.ledger.syncer")
-
-
-class BatchGone(RedCreditError):
-    """The journal entries of a batch are no longer in Redis (it lost its data)."""
 
 
 FaultHook = Callable[[str], None]
