@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from functools import partial
 from typing import Any
@@ -103,15 +104,41 @@ class AsyncPostgresLoader:
         self._owns_pool = pool is None
         self._url = database_conninfo(settings) if pool is None else ""
         self.pool = pool
+        self._opening: asyncio.Future[AsyncConnectionPool[Any]] | None = None
+        self._loading: dict[str, asyncio.Future[AccountSnapshot]] = {}
 
     async def _pool(self) -> AsyncConnectionPool[Any]:
-        # An async pool must be opened inside a running event loop.
-        if self.pool is None:
-            self.pool = AsyncConnectionPool(self._url, open=False, **self._sql.pool_options)
-            await self.pool.open()
-        return self.pool
+        # An async pool must be opened inside a running event loop, once: the
+        # first callers of a cold client all wait for the same opening.
+        if self.pool is not None:
+            return self.pool
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._opening)
+
+    async def _open(self) -> AsyncConnectionPool[Any]:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self._url, open=False, **self._sql.pool_options
+        )
+        try:
+            await pool.open()
+        except BaseException:
+            self._opening = None  # the next caller tries again
+            raise
+        self.pool = pool
+        return pool
 
     async def load(self, account: str) -> AccountSnapshot:
+        """The account as PostgreSQL holds it; callers that ask at once share one read."""
+        pending = self._loading.get(account)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(account))
+            self._loading[account] = pending
+            pending.add_done_callback(lambda _done: self._loading.pop(account, None))
+        # Shielded: a caller that gives up does not cancel the others' read.
+        return await asyncio.shield(pending)
+
+    async def _read(self, account: str) -> AccountSnapshot:
         with _translated():
             pool = await self._pool()
             async with pool.connection() as conn, conn.transaction():

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from redcredit import AccountSnapshot, AsyncRedCredit, InvalidInput, RedCredit, Settings
+from redcredit.backends.postgres_loader import AsyncPostgresLoader
 from tests.support.helpers import account_entries
 
 
@@ -69,3 +70,27 @@ def test_loader_snapshot_is_validated(settings: Settings) -> None:
         pytest.raises(InvalidInput, match="credits"),
     ):
         client.spend("broken", cost=1)
+
+
+class CountedPostgresLoader(AsyncPostgresLoader):
+    """The real PostgreSQL loader, counting the reads it makes."""
+
+    reads = 0
+
+    async def _read(self, account: str) -> AccountSnapshot:
+        self.reads += 1
+        return await super()._read(account)
+
+
+async def test_a_cold_client_reads_each_account_from_postgres_once(pg_settings: Settings) -> None:
+    """64 first calls at once: one pool opened, one read per account, shared by its callers."""
+    loader = CountedPostgresLoader(pg_settings)
+    async with AsyncRedCredit(settings=pg_settings, loader=loader) as arc:
+        results = await asyncio.gather(
+            *(arc.spend(f"cold-{n % 4}", cost=1) for n in range(64)), return_exceptions=True
+        )
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert loader.reads == 4
+        balances = [await arc.balance(f"cold-{n}") for n in range(4)]
+    await loader.close()
+    assert {b.credits for b in balances} == {100 - 16}
