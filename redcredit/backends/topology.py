@@ -9,8 +9,10 @@ callers sends none of them to the wrong node.
 Calls are never re-sent once they may have run (see :mod:`.channel`). What
 is followed or retried, within ``redis_retry_deadline``: MOVED (the map is
 updated), ASK (the importing node is asked, once per redirect), TRYAGAIN,
-CLUSTERDOWN and READONLY (the node refused before running anything), and a
-node that could not be connected to (nothing was sent).
+CLUSTERDOWN, READONLY and LOADING (the node refused before running
+anything), and a node that could not be connected to (nothing was sent). On
+one server only the last is tried again: a refusal there will not change
+within a second, and a redirect means the setting is wrong (``ConfigError``).
 """
 
 from __future__ import annotations
