@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -201,7 +202,7 @@ def _serve(settings: Settings, run: str, port: int, serve_seconds: float | None)
     base = f"http://127.0.0.1:{port}"
     auth = "-H 'Authorization: Bearer {}'"
     # Every line fits 80 columns; the commands are continued with backslashes.
-    print(
+    instructions = (
         f"""
 The chat API is served at {base}: credits, chat messages,
 30 requests/min (bursts of 5) and 3,000 tokens/min, through the ASGI
@@ -228,13 +229,12 @@ middleware. Try:
   curl {base}/v1/account {auth.format(alice)}
   curl {base}/v1/ledger {auth.format(alice)}
 
-Stop with Ctrl-C.""",
-        flush=True,
+Stop with Ctrl-C."""
     )
     config = uvicorn.Config(
         build_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = _AnnouncingServer(config, instructions)
 
     def hang_up(signum: int, frame: FrameType | None) -> None:
         server.handle_exit(signal.SIGTERM, frame)
@@ -251,6 +251,19 @@ Stop with Ctrl-C.""",
     # hangup it does not handle, so it is given one as a SIGTERM.
     with handling([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [], hang_up):
         asyncio.run(serve_until_stopped())
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """Prints how to use the API once it listens, not before: a curl copied at once works."""
+
+    def __init__(self, config: uvicorn.Config, announcement: str) -> None:
+        super().__init__(config)
+        self._announcement = announcement
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self._announcement, flush=True)
 
 
 def _burst_and_drain(rc: RedCredit, syncer: Syncer, run: str) -> None:
