@@ -202,8 +202,7 @@ def _serve(settings: Settings, run: str, port: int, serve_seconds: float | None)
     base = f"http://127.0.0.1:{port}"
     auth = "-H 'Authorization: Bearer {}'"
     # Every line fits 80 columns; the commands are continued with backslashes.
-    instructions = (
-        f"""
+    instructions = f"""
 The chat API is served at {base}: credits, chat messages,
 30 requests/min (bursts of 5) and 3,000 tokens/min, through the ASGI
 middleware. Try:
@@ -230,7 +229,6 @@ middleware. Try:
   curl {base}/v1/ledger {auth.format(alice)}
 
 Stop with Ctrl-C."""
-    )
     config = uvicorn.Config(
         build_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )
