@@ -29,11 +29,20 @@ from redis.exceptions import MovedError, RedisError
 from ..config import Settings
 from ..core.engine import ScriptCall
 from ..core.scripts import LuaScript, ScriptArgs
-from ..errors import ConfigError, RedCreditError
+from ..errors import RedCreditError
 from .channel import NotSent, round_trip
 from .redis import translated
-from .slots import Address, Next, SlotMap, next_step, redirect_target, slot_of
-from .topology import Topology
+from .slots import (
+    FIRST_PAUSE_S,
+    LONGEST_PAUSE_S,
+    Address,
+    Next,
+    SlotMap,
+    next_step,
+    redirect_target,
+    slot_of,
+)
+from .topology import Topology, redirected_as_one_server
 
 __all__ = [
     "Command",
@@ -51,8 +60,6 @@ RedisSource = Topology | redis.Redis | redis.cluster.RedisCluster | str | None
 
 P = ParamSpec("P")
 
-_FIRST_PAUSE_S: Final = 0.01
-_LONGEST_PAUSE_S: Final = 0.2
 # A slot moved by a reshard is followed at once; a loop of redirects is a bug.
 _MAX_ROUNDS: Final = 16
 
@@ -196,7 +203,7 @@ def _routed(topology: Topology, keys: Sequence[str], send: Send) -> list[Any]:
     asking: dict[int, Address] = {}
     unreachable: NotSent | None = None
     deadline = time.monotonic() + topology.retry_deadline_s
-    pause = _FIRST_PAUSE_S
+    pause = FIRST_PAUSE_S
     for _ in range(_MAX_ROUNDS):
         owners = slot_map(topology)
         groups: dict[tuple[Address, bool], list[int]] = {}
@@ -234,7 +241,7 @@ def _routed(topology: Topology, keys: Sequence[str], send: Send) -> list[Any]:
             break
         if wait:
             time.sleep(pause)
-            pause = min(pause * 2, _LONGEST_PAUSE_S)
+            pause = min(pause * 2, LONGEST_PAUSE_S)
     for index in todo:
         if isinstance(replies[index], Exception):
             raise _refusal(topology, replies[index])
@@ -250,10 +257,7 @@ def as_error(reply: Exception) -> RedCreditError:
 
 def _refusal(topology: Topology | None, reply: Exception) -> RedCreditError:
     if isinstance(reply, MovedError) and topology is not None and _standalone(topology):
-        return ConfigError(
-            "this Redis is a node of a Redis Cluster (it answered MOVED): set "
-            "redis_cluster to auto or true, or pass a cluster client"
-        )
+        return redirected_as_one_server()
     if isinstance(reply, RedisError):
         return translated(reply)
     return RedCreditError(f"Redis call failed: {reply}")

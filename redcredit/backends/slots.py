@@ -23,13 +23,24 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-__all__ = ["SLOTS", "Address", "Next", "Route", "SlotMap", "next_step", "slot_of"]
+__all__ = [
+    "FIRST_PAUSE_S",
+    "LONGEST_PAUSE_S",
+    "SLOTS",
+    "Address",
+    "Next",
+    "Route",
+    "SlotMap",
+    "next_step",
+    "slot_of",
+]
 
 SLOTS: Final = 16384
 # A slot moved by a reshard is followed at once; a loop of redirects is a bug.
 _MAX_REDIRECTS: Final = 16
-_FIRST_PAUSE_S: Final = 0.01
-_LONGEST_PAUSE_S: Final = 0.2
+# Refusals that ran nothing are tried again after a pause growing between these.
+FIRST_PAUSE_S: Final = 0.01
+LONGEST_PAUSE_S: Final = 0.2
 # A full re-read of the map after a MOVED, at most this often: a reshard sends
 # many at once.
 _REREAD_EVERY_S: Final = 0.1
@@ -133,7 +144,7 @@ class Route:
         self.deadline = time.monotonic() + deadline_s
         self.asking: Address | None = None
         self._redirects = 0
-        self._pause = _FIRST_PAUSE_S
+        self._pause = FIRST_PAUSE_S
         self._reread = False
         self._moved = False
 
@@ -179,5 +190,5 @@ class Route:
         if time.monotonic() + self._pause >= self.deadline:
             return None
         pause = self._pause
-        self._pause = min(pause * 2, _LONGEST_PAUSE_S)
+        self._pause = min(pause * 2, LONGEST_PAUSE_S)
         return pause

@@ -44,7 +44,7 @@ from .nodes import (
 from .redis import translated
 from .slots import Address, Route, SlotMap, slot_of
 
-__all__ = ["AsyncTopology", "Topology"]
+__all__ = ["AsyncTopology", "Topology", "redirected_as_one_server"]
 
 _ROUND_TRIPS_IN_FLIGHT: Final = 4
 
@@ -360,15 +360,20 @@ class AsyncTopology:
 # -- shared ------------------------------------------------------------------------------
 
 
+def redirected_as_one_server() -> ConfigError:
+    """What a redirect from a server taken for one node means: the setting is wrong."""
+    return ConfigError(
+        "this Redis is a node of a Redis Cluster (it answered MOVED): set "
+        "redis_cluster to auto or true, or pass a cluster client"
+    )
+
+
 def _result(mode: str, call: ScriptCall, reply: Any) -> Any:
     """The script's reply, or the redcredit error for a refusal; durable waits checked."""
     script_reply, confirmation = reply if call.wait is not None else (reply, None)
     for outcome in (script_reply, confirmation):
         if isinstance(outcome, AskError) and mode == "standalone":
-            raise ConfigError(
-                "this Redis is a node of a Redis Cluster (it answered MOVED): set "
-                "redis_cluster to auto or true, or pass a cluster client"
-            ) from outcome
+            raise redirected_as_one_server() from outcome
         if isinstance(outcome, RedisError):
             raise translated(outcome) from outcome
         if isinstance(outcome, Exception):
