@@ -16,10 +16,31 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountLoader",
     "AccountSnapshot",
+    "BucketSnapshot",
     "AsyncAccountLoader",
     "AsyncDefaultsLoader",
     "DefaultsLoader",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSnapshot:
+    """A credit bucket (a grant) as the system of record has it, besides the base bucket.
+
+    ``pending`` buckets are not effective yet: their credits are not in the
+    account's balance. Expiry and effective start are in ms on the server's
+    clock; ``expires_ms`` 0 means never.
+    """
+
+    id: str
+    category: str
+    priority: int
+    remaining: int
+    granted: int
+    effective_ms: int
+    expires_ms: int
+    created_ms: int
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +59,9 @@ class AccountSnapshot:
     # Reloaded with the account, so a call repeated after Redis lost the
     # account is not applied twice.
     applied_keys: tuple[tuple[str, int, int], ...] = ()
+    # The account's buckets other than its base bucket, which holds the rest
+    # of ``credits``: the live buckets' remaining credits are part of it.
+    buckets: tuple[BucketSnapshot, ...] = ()
 
 
 class AccountLoader(Protocol):
