@@ -4,7 +4,9 @@
 -- Conventions shared by every script:
 --   KEYS[1] account hash      fields c (credits), m (chat messages), h (sum of
 --                             active holds), p (plan), s (last sequence number),
---                             and r.<reservation id> = amount of each active hold
+--                             r.<reservation id> = amount of each active hold,
+--                             and the credit buckets (fields B, N, O, q.<id>:
+--                             see _buckets.lua)
 --   KEYS[2] holds sorted set  member = reservation id, score = deadline (ms)
 --   KEYS[3] journal stream    of the account's partition
 --   KEYS[4] idempotency key   string: fingerprint, newline, msgpack'd first reply
@@ -17,12 +19,16 @@
 --                             for something else
 --   ARGV[5] idempotency window, ms
 --   ARGV[6] bypassing plans   '|paid|demo|': plans whose spends are unlimited
---   ARGV[7] plan rules        rate limits and refills of every plan that has
---                             any, one line per plan (format in
---                             redcredit/core/plan_rules.py, Rules); '' for none
+--   ARGV[7] rules             the grant settings (burn order, categories,
+--                             bucket bound, default priority), then the rate
+--                             limits, refills and overdraft of every plan that
+--                             has any, one line per plan (format in
+--                             redcredit/core/plan_rules.py, Rules)
 --   ARGV[8] model             for per-model rate limits; '' for none
 --
 -- Every reply is an array {status, replayed, ...}; status 0 is success.
+-- UNLIMITED (-2^53) stands for the balance of a bypassing plan in replies:
+-- with an overdraft a real balance may be below zero.
 -- Numbers never pass through tostring() (it keeps only 14 digits); amounts stay
 -- below 2^53 so Lua doubles hold them exactly.
 
@@ -31,16 +37,22 @@
 local OK, MISSING, NO_CREDITS, NO_CHAT = 0, 1, 2, 3
 local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
 local RES_EXISTS, RES_CLOSED, RATE_LIMITED, APPLIED_BEFORE = 8, 9, 10, 11
+local GRANT_EXISTS, GRANT_NOT_FOUND, TOO_MANY_GRANTS, GRANT_EXPIRED = 12, 13, 14, 15
 -- The fingerprint of a record reloaded from the system of record, which keeps
 -- only that the key was applied, and at which sequence number.
 local RELOADED = '*'
 local MAX_AMOUNT = 9007199254740992
+local UNLIMITED = -MAX_AMOUNT
+-- The fields of one credit bucket, an array (see _buckets.lua).
+local BID, BREM, BHELD, BPRIO, BCAT, BEFF, BEXP, BMADE, BGRANTED, BLIVE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 local ctx = {
   acct = KEYS[1], holds = KEYS[2], journal = KEYS[3], idem = KEYS[4],
   account = ARGV[1], idem_key = ARGV[3], fingerprint = ARGV[4],
   idem_window = tonumber(ARGV[5]), bypass_plans = ARGV[6],
   rules = ARGV[7], model = ARGV[8],
+  -- Buckets changed since the last journal entry, and by how much.
+  bchanged = {}, bdelta = {}, bafter = {},
 }
 
 do
@@ -75,16 +87,42 @@ end
 -- Loads the balances into ctx; false when the account is not in Redis yet and
 -- must be hydrated by the caller first.
 local function load_account()
-  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p')
+  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p', 'B', 'N', 'O')
   if not v[1] then return false end
   ctx.credits, ctx.chat, ctx.held, ctx.plan =
     tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), v[4]
+  -- Buckets stay packed until a script needs them (load_buckets).
+  ctx.B, ctx.N, ctx.O = v[5], tonumber(v[6] or '0'), v[7]
   ctx.bypass = string.find(ctx.bypass_plans, '|' .. ctx.plan .. '|', 1, true) ~= nil
   return true
 end
 
-local function save_balances()
+local save_buckets
+
+-- The balances alone, for an entry in the middle of a step that saves its
+-- buckets at the end (saving them may put the account back on the plain path).
+local function save_totals()
   redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', ctx.held)
+end
+
+local function save_balances()
+  save_totals()
+  if ctx.bk then save_buckets() end
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- The buckets changed since the last entry, as the entry's 'bk' field:
+-- 'id:delta:remaining after', comma-separated.
+local function bucket_changes()
+  local parts = {}
+  for i, id in ipairs(ctx.bchanged) do
+    parts[i] = id .. ':' .. int(ctx.bdelta[id]) .. ':' .. int(ctx.bafter[id])
+  end
+  ctx.bchanged, ctx.bdelta, ctx.bafter = {}, {}, {}
+  return table.concat(parts, ',')
 end
 
 -- Appends one journal entry. Field names are documented in docs/journal.md;
@@ -101,41 +139,26 @@ local function journal(op, credit_delta, chat_delta, extra)
   if extra then
     for i = 1, #extra do entry[#entry + 1] = extra[i] end
   end
+  if ctx.bchanged and #ctx.bchanged > 0 then
+    entry[#entry + 1] = 'bk'
+    entry[#entry + 1] = bucket_changes()
+  end
   redis.call(unpack(entry))
   return seq
 end
 
--- A hold counts until its deadline and for nothing from the deadline on. Lapsed
--- holds are dropped here, by whichever script touches the account next, so the
--- available balance is exact without any sweeper running.
-local function prune_lapsed_holds()
-  -- Holds are never of zero, so no held credits means no holds to look at.
-  if ctx.held == 0 then return end
-  local lapsed = redis.call('ZRANGEBYSCORE', ctx.holds, '-inf', ctx.now)
-  if #lapsed == 0 then return end
-  for _, rid in ipairs(lapsed) do
-    local field = 'r.' .. rid
-    local amount = tonumber(redis.call('HGET', ctx.acct, field) or '0')
-    redis.call('HDEL', ctx.acct, field)
-    ctx.held = ctx.held - amount
-    redis.call('ZREM', ctx.holds, rid)
-    journal('lapse', 0, 0, {'r', rid, 'x', amount})
-  end
-  save_balances()
-end
-
+-- Credits free of holds, not counting the plan's overdraft.
 local function available()
   return ctx.credits - ctx.held
 end
 
--- Remaining balances as replied: -1 stands for unlimited (a bypassing plan).
 local function remaining_credits()
-  if ctx.bypass then return -1 end
+  if ctx.bypass then return UNLIMITED end
   return ctx.credits
 end
 
 local function remaining_chat()
-  if ctx.bypass then return -1 end
+  if ctx.bypass then return UNLIMITED end
   return ctx.chat
 end
 
@@ -146,54 +169,19 @@ local function split(text, separator)
   return parts
 end
 
--- The rate limits and refills of the account's plan, as two strings.
+-- The rate limits and refills of the account's plan, as two strings, and
+-- its overdraft (how far below zero its credits may go); also kept in
+-- ctx.overdraft.
 local function plan_rules()
-  if ctx.rules == '' then return '', '' end
+  ctx.overdraft = 0
   local start = string.find(ctx.rules, '\n' .. ctx.plan .. '|', 1, true)
-  if not start then return '', '' end
+  if not start then return '', '', 0 end
   local finish = string.find(ctx.rules, '\n', start + 1, true) or (#ctx.rules + 1)
   local line = string.sub(ctx.rules, start + #ctx.plan + 2, finish - 1)
   local bar = string.find(line, '|', 1, true)
-  return string.sub(line, 1, bar - 1), string.sub(line, bar + 1)
-end
-
--- Free balances that refill on a schedule, lazily: whichever script touches
--- the account first in a new period tops the balance up (never down) and
--- journals it. No scheduled job has to run. Each refill is
--- 'resource,amount,r,period_ms' (rolling: a period after the last refill) or
--- 'resource,amount,c,start1,start2,start3' (calendar: the latest period start
--- not after the server's time). The first touch only starts the clock.
-local function apply_refills(refills)
-  for _, text in ipairs(split(refills, ';')) do
-    local f = split(text, ',')
-    local field, amount = 'f' .. f[1], tonumber(f[2])
-    local marker = tonumber(redis.call('HGET', ctx.acct, field) or '-1')
-    local period_start
-    if f[3] == 'r' then
-      if marker < 0 or ctx.now >= marker + tonumber(f[4]) then period_start = ctx.now end
-    else
-      period_start = tonumber(f[4])
-      for i = 5, 6 do
-        if tonumber(f[i]) <= ctx.now then period_start = tonumber(f[i]) end
-      end
-      if marker >= period_start then period_start = nil end
-    end
-    if period_start then
-      redis.call('HSET', ctx.acct, field, period_start)
-      local balance = ctx.chat
-      if f[1] == 'c' then balance = ctx.credits end
-      if marker >= 0 and balance < amount then
-        local delta = amount - balance
-        if f[1] == 'c' then ctx.credits = amount else ctx.chat = amount end
-        save_balances()
-        if f[1] == 'c' then
-          journal('refill', delta, 0, {'f', 'refill'})
-        else
-          journal('refill', 0, delta, {'f', 'refill'})
-        end
-      end
-    end
-  end
+  local bar2 = string.find(line, '|', bar + 1, true)
+  ctx.overdraft = tonumber(string.sub(line, bar2 + 1))
+  return string.sub(line, 1, bar - 1), string.sub(line, bar + 1, bar2 - 1), ctx.overdraft
 end
 
 -- Evaluates every rate limit of the plan for a call of one request weighing

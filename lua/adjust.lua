@@ -1,6 +1,8 @@
 -- adjust: add (grant) or correct credits and chat messages; the admin path.
 -- Goes through the same journal as spends, so a queued write can never land
--- on top of a newer value in PostgreSQL.
+-- on top of a newer value in PostgreSQL. Credits added go to the base bucket
+-- (a grant with bucket attributes is grant.lua's); credits removed burn the
+-- buckets in burn order, never what live holds need.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
@@ -20,7 +22,7 @@
 local replay = idem_replay()
 if replay then return replay end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
+catch_up()
 
 local credit_delta, chat_delta = tonumber(ARGV[9]), tonumber(ARGV[10])
 if credit_delta < 0 and -credit_delta > available() then
@@ -33,7 +35,15 @@ if ctx.credits + credit_delta > MAX_AMOUNT or ctx.chat + chat_delta > MAX_AMOUNT
   return {OVERFLOW, 0, MAX_AMOUNT}
 end
 
-ctx.credits = ctx.credits + credit_delta
+if bucketed() and credit_delta < 0 then
+  load_buckets()
+  burn(-credit_delta)
+elseif bucketed() then
+  load_buckets()
+  bucket_delta(ctx.bidx[BASE], credit_delta)
+else
+  ctx.credits = ctx.credits + credit_delta
+end
 ctx.chat = ctx.chat + chat_delta
 save_balances()
 local extra = nil

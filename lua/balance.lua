@@ -8,16 +8,17 @@
 -- evaluated for a call of no weight and not stored: a peek.
 --
 -- Returns {0, 0, credits, chat messages, held, plan, sequence, bypass (0/1),
---          server time in ms, limit states (7 values each, see debit.lua)...};
+--          server time in ms, overdraft, buckets, limit states (7 values
+--          each, see debit.lua)...}, buckets an array in burn order of
+--          {id, remaining, held, priority, category, effective ms, expires ms
+--          (0 never), created ms, granted, live 0/1}, the base bucket included;
 --   {1, 0} when the account is not in Redis (hydrate, then call again).
 
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
-local limits, refills = plan_rules()
-apply_refills(refills)
+local limits = catch_up(true)
 local _, states = evaluate_limits(limits, 0, 0)
 local seq = tonumber(redis.call('HGET', ctx.acct, 's') or '0')
 local bypass = 0
 if ctx.bypass then bypass = 1 end
-return with_states({OK, 0, ctx.credits, ctx.chat, ctx.held, ctx.plan, seq, bypass, ctx.now},
-  states)
+return with_states({OK, 0, ctx.credits, ctx.chat, ctx.held, ctx.plan, seq, bypass, ctx.now,
+  ctx.overdraft, load_buckets()}, states)

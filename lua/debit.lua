@@ -11,8 +11,11 @@
 -- Rate limits of the plan are checked in the same step: a call refused by any
 -- limit spends nothing on any other; a refill due is applied first.
 --
+-- Credits burn the account's buckets in burn order (see _buckets.lua), and
+-- may go below zero within the plan's overdraft.
+--
 -- Returns {0, replayed, credits left, chat messages left, sequence, limit
---   states...}, where -1 means unlimited (bypassing plan; the usage is
+--   states...}, where UNLIMITED (-2^53) means unlimited (bypassing plan; the usage is
 --   journaled all the same) and each limit adds 7 values (name, rate, window
 --   s, remaining, reset s, shadow 0/1, would refuse 0/1);
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
@@ -25,9 +28,7 @@
 local replay = idem_replay()
 if replay then return replay end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
-local limits, refills = plan_rules()
-apply_refills(refills)
+local limits = catch_up(true)
 
 local cost, messages = tonumber(ARGV[9]), tonumber(ARGV[10])
 local refusal, states, writes = evaluate_limits(limits, 1, cost)
@@ -46,14 +47,20 @@ end
 if ctx.bypass then
   store_limits(writes)
   local seq = journal(ARGV[12], 0, 0, extra)
-  return idem_store(with_states({OK, 0, -1, -1, seq}, states))
+  return idem_store(with_states({OK, 0, UNLIMITED, UNLIMITED, seq}, states))
 end
 
-if cost > available() then return {NO_CREDITS, 0, cost, available()} end
+local spendable = available() + ctx.overdraft
+if cost > spendable then return {NO_CREDITS, 0, cost, spendable} end
 if messages > ctx.chat then return {NO_CHAT, 0, messages, ctx.chat} end
 
 store_limits(writes)
-ctx.credits = ctx.credits - cost
+if bucketed() then
+  load_buckets()
+  burn(cost)
+else
+  ctx.credits = ctx.credits - cost
+end
 ctx.chat = ctx.chat - messages
 save_balances()
 local seq = journal(ARGV[12], -cost, -messages, extra)

@@ -1,5 +1,7 @@
 -- extend: renew a live reservation's lease to a new deadline, now + ttl.
 -- A lapsed lease cannot be revived: its credits may have been spent since.
+-- A hold stays backed: the part of it on buckets that expire before the new
+-- deadline moves to buckets that last until then, or the renewal is refused.
 --
 -- KEYS[1..5]  account, holds, journal, idempotency, reservation record
 --             (see reserve.lua)
@@ -10,6 +12,9 @@
 --
 -- Returns {0, replayed, new deadline (ms), sequence, amount held};
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {2, 0, required, available} when the credits that live until the new
+--     deadline cannot back the hold (nothing changes: the lease keeps its
+--     deadline);
 --   {4, 0} when there is no such reservation;
 --   {5, 0, deadline} when the lease has lapsed;
 --   {6, 0} when the idempotency key was used for another call;
@@ -24,11 +29,34 @@ local r = redis.call('HMGET', record, 'dl', 'st', 'bp', 'amt')
 if not r[1] then return {RES_NOT_FOUND, 0} end
 if r[2] ~= 'a' then return {RES_CLOSED, 0, CLOSED_STATE[r[2]]} end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
+catch_up()
 if ctx.now >= tonumber(r[1]) then return {RES_LAPSED, 0, tonumber(r[1])} end
 
 local ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[11])
 local deadline = ctx.now + ttl
+if r[3] ~= '1' and bucketed() then
+  load_buckets()
+  local amount = tonumber(r[4])
+  local parts, kept, short, moving = hold_parts(rid, amount), {}, {}, 0
+  for i = 1, #parts, 2 do
+    local b = ctx.bidx[parts[i]]
+    if b and b[BEXP] ~= 0 and b[BEXP] < deadline then
+      short[#short + 1], short[#short + 2] = parts[i], parts[i + 1]
+      moving = moving + parts[i + 1]
+    else
+      kept[#kept + 1], kept[#kept + 2] = parts[i], parts[i + 1]
+    end
+  end
+  if moving > 0 then
+    unhold(short)
+    -- Nothing is saved before this point: a refusal changes nothing.
+    local moved = allocate(moving, deadline)
+    if not moved then return {NO_CREDITS, 0, moving, backing(deadline)} end
+    for i = 1, #moved do kept[#kept + 1] = moved[i] end
+    redis.call('HSET', ctx.acct, 'q.' .. rid, parts_text(kept))
+    save_balances()
+  end
+end
 if r[3] ~= '1' then redis.call('ZADD', ctx.holds, deadline, rid) end
 redis.call('HSET', record, 'dl', deadline)
 redis.call('PEXPIRE', record, ttl + retention)

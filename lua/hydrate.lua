@@ -12,9 +12,13 @@
 --             new to the system of record, or one it holds but never received
 --             a journal entry for (a legacy row), so its ledger sums to its
 --             balance
+-- ARGV[14]    the account's buckets besides its base bucket, '' for none:
+--             ';'-separated 'id,category,priority,remaining,granted,
+--             effective ms,expires ms,created ms,live (0/1)'; the base
+--             bucket holds the rest of the credits
 -- KEYS[5..]   idempotency records of calls the system of record holds (the
 --             account's, like KEYS[4]), set only where none exists
--- ARGV[14..]  for each of them: sequence number of the call's entry, ms left
+-- ARGV[15..]  for each of them: sequence number of the call's entry, ms left
 --             in the idempotency window
 --
 -- Returns {0, 0, inserted (0/1)}.
@@ -26,9 +30,25 @@ redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.p
 if ARGV[13] == '1' then
   journal('open', ctx.credits, ctx.chat)
 end
+if ARGV[14] ~= '' then
+  -- Buckets due (expired, or effective) while Redis lacked the account are
+  -- journaled by the next script, like any other.
+  load_buckets()
+  local base = ctx.bidx[BASE]
+  for _, text in ipairs(split(ARGV[14], ';')) do
+    local f = split(text, ',')
+    local b = {f[1], tonumber(f[4]), 0, tonumber(f[3]), f[2], tonumber(f[6]), tonumber(f[7]),
+      tonumber(f[8]), tonumber(f[5]), tonumber(f[9])}
+    ctx.bk[#ctx.bk + 1] = b
+    if b[BLIVE] == 1 then base[BREM] = base[BREM] - b[BREM] end
+  end
+  index_buckets()
+  sort_buckets()
+  save_buckets()
+end
 -- A record Redis still has (an eviction keeps them) holds the first reply: kept.
 for i = 5, #KEYS do
-  local at = 14 + (i - 5) * 2
+  local at = 15 + (i - 5) * 2
   redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
     'PX', ARGV[at + 1], 'NX')
 end

@@ -63,7 +63,14 @@ end
 local pg_credits, pg_chat = tonumber(ARGV[15]), tonumber(ARGV[16])
 local net_credits = ctx.credits - tonumber(ARGV[11]) - tonumber(ARGV[13])
 local net_chat = ctx.chat - tonumber(ARGV[12]) - tonumber(ARGV[14])
-ctx.credits = math.min(math.max(pg_credits + net_credits, live), MAX_AMOUNT)
+local credits = math.min(math.max(pg_credits + net_credits, live), MAX_AMOUNT)
+if bucketed() then
+  -- The buckets stay as the fork left them; the base bucket takes the difference.
+  load_buckets()
+  bucket_delta(ctx.bidx[BASE], credits - ctx.credits)
+  save_buckets()
+end
+ctx.credits = credits
 ctx.chat = math.min(math.max(pg_chat + net_chat, 0), MAX_AMOUNT)
 if ctx.plan == ARGV[19] then ctx.plan = ARGV[17] end
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'p', ctx.plan, 's', ARGV[18])

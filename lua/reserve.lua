@@ -14,7 +14,9 @@
 -- ARGV[14]    chat messages spent with the hold (a streamed chat turn), 0..2^53
 --
 -- Rate limits of the plan are checked in the same step, the credit-weighted
--- ones with the amount held; a refill due is applied first.
+-- ones with the amount held; a refill due is applied first. Only credits that
+-- live until the deadline back the hold (buckets expiring earlier do not),
+-- plus the plan's overdraft; which buckets back it is kept in q.<rid>.
 --
 -- Returns {0, replayed, deadline (ms, server clock), sequence, reservation id,
 --   limit states (7 values each, see debit.lua)...} (a replay answers with the
@@ -29,10 +31,7 @@
 local replay = idem_replay()
 if replay then return replay end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
-
-local limits, refills = plan_rules()
-apply_refills(refills)
+local limits = catch_up(true)
 
 local record, rid = KEYS[5], ARGV[11]
 if redis.call('EXISTS', record) == 1 then return {RES_EXISTS, 0} end
@@ -46,9 +45,18 @@ local bypass = 0
 if ctx.bypass then
   bypass = 1
 else
-  if amount > available() then return {NO_CREDITS, 0, amount, available()} end
-  if messages > ctx.chat then return {NO_CHAT, 0, messages, ctx.chat} end
-  ctx.held = ctx.held + amount
+  if bucketed() then
+    load_buckets()
+    local parts = allocate(amount, deadline)
+    if not parts then return {NO_CREDITS, 0, amount, backing(deadline)} end
+    if messages > ctx.chat then return {NO_CHAT, 0, messages, ctx.chat} end
+    redis.call('HSET', ctx.acct, 'q.' .. rid, parts_text(parts))
+  else
+    local spendable = available() + ctx.overdraft
+    if amount > spendable then return {NO_CREDITS, 0, amount, spendable} end
+    if messages > ctx.chat then return {NO_CHAT, 0, messages, ctx.chat} end
+    ctx.held = ctx.held + amount
+  end
   ctx.chat = ctx.chat - messages
   save_balances()
   redis.call('HSET', ctx.acct, 'r.' .. rid, amount)

@@ -12,7 +12,7 @@
 local replay = idem_replay()
 if replay then return replay end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
+catch_up()
 
 local prefix = 'l.'
 if ARGV[9] ~= '' then prefix = 'l.' .. ARGV[9] end

@@ -11,7 +11,7 @@
 local replay = idem_replay()
 if replay then return replay end
 if not load_account() then return {MISSING, 0} end
-prune_lapsed_holds()
+catch_up()
 
 local previous = ctx.plan
 ctx.plan = ARGV[9]

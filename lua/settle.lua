@@ -13,10 +13,12 @@
 -- ARGV[13]    retention of the closed record, ms
 --
 -- A cost above the amount held is charged only as far as the available
--- balance goes, never below zero; the rest is replied as uncharged.
+-- balance goes, never below zero (below it only within the plan's
+-- overdraft); the rest is replied as uncharged. The charge burns the
+-- buckets in burn order once the hold's own have been freed.
 --
--- Returns {0, replayed, outcome, charged, uncharged, credits after (-1 when
---          unlimited), sequence} with outcome 1 settled, 2 released,
+-- Returns {0, replayed, outcome, charged, uncharged, credits after (UNLIMITED
+--          when unlimited), sequence} with outcome 1 settled, 2 released,
 --          3 settled after its lease lapsed;
 --   {1, 0} when the account is not in Redis (hydrate, then call again);
 --   {4, 0} when there is no such reservation (or its record has expired);
@@ -33,8 +35,11 @@ local r = redis.call('HMGET', record, 'amt', 'dl', 'st', 'bp', 'f', 'ch', 'un', 
 if not r[1] then return {RES_NOT_FOUND, 0} end
 if r[3] ~= 'a' then
   -- Stored under the key like a first reply: the key is bound to this call from now on.
+  local left = tonumber(r[8])
+  -- Records closed before UNLIMITED was -2^53 say -1.
+  if r[4] == '1' then left = UNLIMITED end
   return idem_store({OK, 1, CLOSED_STATE[r[3]], tonumber(r[6]), tonumber(r[7]),
-    tonumber(r[8]), tonumber(r[9])})
+    left, tonumber(r[9])})
 end
 if not load_account() then return {MISSING, 0} end
 
@@ -42,14 +47,14 @@ local amount, deadline, bypass = tonumber(r[1]), tonumber(r[2]), r[4] == '1'
 local lapsed = ctx.now >= deadline
 local release = ARGV[9] == 'release'
 if lapsed and not release and ARGV[12] ~= '1' then
-  prune_lapsed_holds()
+  catch_up()
   return {RES_LAPSED, 0, deadline}
 end
 
 -- A lapsed hold is dropped (and journaled) by the pruning; a live one here.
-prune_lapsed_holds()
+catch_up()
 if not lapsed and not bypass then
-  ctx.held = ctx.held - amount
+  release_hold(rid, amount)
   redis.call('HDEL', ctx.acct, 'r.' .. rid)
   redis.call('ZREM', ctx.holds, rid)
 end
@@ -62,8 +67,13 @@ if not release then
   if bypass then
     charged = actual
   else
-    charged = math.min(actual, math.max(available(), 0))
-    ctx.credits = ctx.credits - charged
+    charged = math.min(actual, math.max(available() + ctx.overdraft, 0))
+    if bucketed() then
+      load_buckets()
+      burn(charged)
+    else
+      ctx.credits = ctx.credits - charged
+    end
   end
 end
 local uncharged = actual - charged
@@ -79,7 +89,7 @@ end
 local seq = journal(ARGV[9], credit_delta, 0, extra)
 
 local left = ctx.credits
-if bypass then left = -1 end
+if bypass then left = UNLIMITED end
 redis.call('HSET', record, 'st', state, 'ch', charged, 'un', uncharged, 'c', left, 'q', seq)
 redis.call('PEXPIRE', record, tonumber(ARGV[13]))
 return idem_store({OK, 0, outcome, charged, uncharged, left, seq})

@@ -9,8 +9,8 @@ from importlib.metadata import version as _version
 from .clients.async_client import AsyncRedCredit
 from .clients.reservation import AsyncReservationBlock, Lease, ReservationBlock
 from .clients.sync_client import RedCredit
-from .config import LimitSettings, PlanSettings, RefillSettings, Settings
-from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader
+from .config import GrantSettings, LimitSettings, PlanSettings, RefillSettings, Settings
+from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader, BucketSnapshot
 from .costs import CostRule, CostTable
 from .errors import (
     AccountIdError,
@@ -20,6 +20,10 @@ from .errors import (
     BatchGone,
     ConfigError,
     EmbeddedServerError,
+    GrantError,
+    GrantExists,
+    GrantExpired,
+    GrantNotFound,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -35,6 +39,7 @@ from .errors import (
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    TooManyGrants,
     UnknownFeature,
     UnknownPlan,
 )
@@ -44,6 +49,7 @@ from .ledger.syncer import Syncer
 from .results import (
     Balance,
     BalanceChange,
+    CreditBucket,
     LimitState,
     PlanChange,
     Reservation,
@@ -51,6 +57,7 @@ from .results import (
     Settlement,
     SettlementOutcome,
     SpendResult,
+    Void,
 )
 
 __version__: str = _version("redcredit")  # pyproject.toml's, as installed
@@ -68,11 +75,18 @@ __all__ = [
     "BalanceChange",
     "BalanceOverflow",
     "BatchGone",
+    "BucketSnapshot",
     "ConfigError",
     "CostRule",
     "CostTable",
+    "CreditBucket",
     "CreditGate",
     "EmbeddedServerError",
+    "GrantError",
+    "GrantExists",
+    "GrantExpired",
+    "GrantNotFound",
+    "GrantSettings",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
@@ -104,7 +118,9 @@ __all__ = [
     "SettlementOutcome",
     "SpendResult",
     "Syncer",
+    "TooManyGrants",
     "UnknownFeature",
     "UnknownPlan",
+    "Void",
     "__version__",
 ]

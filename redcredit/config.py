@@ -64,11 +64,12 @@ from pydantic_settings import (
 from . import validation as v
 from .costs import CostTable, read_toml
 from .errors import ConfigError, InvalidInput, UnknownPlan
-from .plans import BUILTIN_PLANS, LimitSettings, PlanSettings, RefillSettings
+from .plans import BUILTIN_PLANS, GrantSettings, LimitSettings, PlanSettings, RefillSettings
 from .secrets import check_database_url, check_redis_url, masked_url, without_secrets
 
 __all__ = [
     "BUILTIN_PLANS",
+    "GrantSettings",
     "LimitSettings",
     "PlanSettings",
     "RefillSettings",
@@ -145,6 +146,7 @@ class Settings(BaseSettings):
     free_chat_messages: int = 0
     default_plan: str = "free"
     plans: dict[str, PlanSettings] = Field(default_factory=lambda: dict(BUILTIN_PLANS))
+    grants: GrantSettings = GrantSettings()
     reservation_ttl: timedelta = timedelta(seconds=60)
     reservation_ttl_min: timedelta = timedelta(seconds=1)
     reservation_ttl_max: timedelta = timedelta(days=1)
@@ -375,6 +377,13 @@ class Settings(BaseSettings):
                 f"default_plan {self.default_plan!r} is not a defined plan "
                 f"(defined: {', '.join(sorted(self.plans))})"
             )
+        for name, plan in self.plans.items():
+            refill = plan.refill
+            if refill is not None and refill.category not in self.grants.categories:
+                raise ValueError(
+                    f"plan {name!r} refills credits of category {refill.category!r}, which is "
+                    f"not in grants.categories ({', '.join(self.grants.categories)})"
+                )
         if not self.reservation_ttl_min <= self.reservation_ttl <= self.reservation_ttl_max:
             raise ValueError(
                 f"reservation_ttl ({self.reservation_ttl}) must lie between "

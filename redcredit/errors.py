@@ -14,6 +14,10 @@ __all__ = [
     "BatchGone",
     "ConfigError",
     "EmbeddedServerError",
+    "GrantError",
+    "GrantExists",
+    "GrantExpired",
+    "GrantNotFound",
     "IdempotencyConflict",
     "InsufficientChatMessages",
     "InsufficientCredits",
@@ -29,6 +33,7 @@ __all__ = [
     "ReservationError",
     "ReservationLapsed",
     "ReservationNotFound",
+    "TooManyGrants",
     "UnknownFeature",
     "UnknownPlan",
 ]
@@ -172,6 +177,46 @@ class ReservationClosed(ReservationError):
 
 class ReservationLapsed(ReservationError):
     """The reservation's lease ran out before it was settled or extended."""
+
+
+# -- Refused by Redis, nothing changed: a credit bucket (grant) refused. ------
+
+
+class GrantError(RedCreditError):
+    """Base of the refusals about one credit bucket; nothing was changed."""
+
+    def __init__(self, message: str, *, account: str, grant_id: str) -> None:
+        self.account = account
+        self.grant_id = grant_id
+        super().__init__(message)
+
+
+class GrantNotFound(GrantError):
+    """The account has no such bucket: never granted, spent, expired or voided."""
+
+
+class GrantExists(GrantError, InvalidInput):
+    """A live bucket of the account already has this grant id."""
+
+
+class GrantExpired(GrantError, InvalidInput):
+    """The grant would expire before it starts (by the server's clock)."""
+
+
+class TooManyGrants(GrantError):
+    """The account holds the most grants it may (``grants.max_grants``).
+
+    Never merged silently: spend or void one, or raise the bound.
+    """
+
+    def __init__(self, *, account: str, grant_id: str, most: int) -> None:
+        self.most = most
+        super().__init__(
+            f"account {account!r} holds {most} grants, the most it may "
+            "(grants.max_grants); none was added",
+            account=account,
+            grant_id=grant_id,
+        )
 
 
 # -- Refused by Redis, nothing changed: a balance would lose exactness. --------

@@ -10,14 +10,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import validation as v
 
-__all__ = ["BUILTIN_PLANS", "LimitSettings", "PlanSettings", "RefillSettings"]
+__all__ = [
+    "BUILTIN_PLANS",
+    "GrantSettings",
+    "LimitSettings",
+    "PlanSettings",
+    "RefillSettings",
+]
+
+BurnCriterion = Literal["priority", "expiry", "category", "effective", "created"]
+_CATEGORY = r"^[a-z][a-z0-9_]{0,31}$"
 
 
 class LimitSettings(BaseModel):
@@ -53,11 +62,23 @@ class LimitSettings(BaseModel):
 
 
 class RefillSettings(BaseModel):
-    """Free balances topped up (never lowered) once a period.
+    """Free balances refilled once a period: a recurring grant.
 
     ``every`` is ``"day"``, ``"week"`` (from Monday) or ``"month"``, on calendar
     boundaries in ``timezone``, or a duration: a rolling period from the last
-    refill. A balance above the amount (after a purchase) is left as it is.
+    refill. The credits go into the account's ``refill`` bucket (of
+    ``category`` and ``priority``), which expires ``expires_in`` after the
+    period starts (never by default).
+
+    - ``mode="top_up_to"`` (the default) tops the account's credits up to
+      ``credits``, never lowering them: a balance above it (after a purchase)
+      gets nothing. ``mode="add"`` adds ``credits`` every period.
+    - ``rollover`` is what the refill bucket keeps of its unspent credits
+      when a new period starts: ``"all"`` (the default), ``"none"``, or a cap
+      (an int). What live holds need is always kept.
+
+    Chat messages are one balance: ``mode`` applies to them, ``rollover`` and
+    ``expires_in`` do not.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,6 +87,25 @@ class RefillSettings(BaseModel):
     chat_messages: int = Field(default=0, ge=0, le=v.MAX_AMOUNT)
     every: Literal["day", "week", "month"] | timedelta
     timezone: str = "UTC"
+    mode: Literal["top_up_to", "add"] = "top_up_to"
+    rollover: Literal["all", "none"] | Annotated[int, Field(ge=0, le=v.MAX_AMOUNT)] = "all"
+    expires_in: timedelta | None = None
+    category: str = Field(default="promotional", pattern=_CATEGORY)
+    priority: int = Field(default=50, ge=0, le=v.MAX_PRIORITY)
+
+    @field_validator("expires_in")
+    @classmethod
+    def _expiry(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and not timedelta(seconds=1) <= value <= timedelta(days=3660):
+            raise ValueError("expires_in must lie between a second and ten years")
+        return value
+
+    @field_validator("rollover", mode="before")
+    @classmethod
+    def _rollover(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f'must be "all", "none" or a cap (an int), not {value!r}')
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -94,6 +134,9 @@ class PlanSettings(BaseModel):
     bypass: bool = False
     limits: tuple[LimitSettings, ...] = ()
     refill: RefillSettings | None = None
+    # A credit line for postpaid customers: credits may go this far below
+    # zero. Every other plan keeps "never below zero".
+    overdraft: int = Field(default=0, ge=0, le=10**15)
 
     @field_validator("limits")
     @classmethod
@@ -110,6 +153,50 @@ class PlanSettings(BaseModel):
         # misplaced credit amount than a flag.
         if not isinstance(value, bool | str):
             raise ValueError(f"must be true or false, not {v.short_repr(value)}")
+        return value
+
+
+class GrantSettings(BaseModel):
+    """How credit buckets burn, and how many an account may hold.
+
+    ``categories`` lists the grant categories in the order they burn when
+    the criteria before ``category`` in ``burn_order`` tie (promotional
+    before paid by default); a grant's category must be one of them.
+    ``burn_order`` is the order of the criteria: lower priority first, then
+    soonest expiry (never-expiring last), then category, then earliest
+    effective start, then earliest created, as billing platforms do. The
+    base bucket of every account (``paid``, priority ``default_priority``,
+    never expiring) burns by the same rules.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    categories: tuple[Annotated[str, Field(pattern=_CATEGORY)], ...] = ("promotional", "paid")
+    burn_order: tuple[BurnCriterion, ...] = (
+        "priority",
+        "expiry",
+        "category",
+        "effective",
+        "created",
+    )
+    # Grants an account may hold at once, besides its base and refill buckets.
+    max_grants: int = Field(default=32, ge=1, le=256)
+    default_priority: int = Field(default=50, ge=0, le=v.MAX_PRIORITY)
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("categories must be unique")
+        if "paid" not in value:
+            raise ValueError("categories must include 'paid', the base bucket's")
+        return value
+
+    @field_validator("burn_order")
+    @classmethod
+    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value) or not value:
+            raise ValueError("burn_order must name each criterion at most once, and one at least")
         return value
 
 

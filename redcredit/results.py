@@ -9,6 +9,7 @@ from typing import Literal, NamedTuple
 __all__ = [
     "Balance",
     "BalanceChange",
+    "CreditBucket",
     "LimitState",
     "PlanChange",
     "Reservation",
@@ -16,6 +17,7 @@ __all__ = [
     "Settlement",
     "SettlementOutcome",
     "SpendResult",
+    "Void",
 ]
 
 
@@ -60,12 +62,36 @@ class SpendResult:
 
 @dataclass(frozen=True, slots=True)
 class BalanceChange:
-    """The balances after a grant or a correction."""
+    """The balances after a grant or a correction.
+
+    A grant that made a bucket names it (``grant_id``), with its start and
+    expiry (ms, server clock; ``expires_at_ms`` ``None`` for never).
+    """
 
     account: str
     credits: int
     chat_messages: int
     sequence: int
+    replayed: bool = False
+    grant_id: str | None = None
+    effective_at_ms: int | None = None
+    expires_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Void:
+    """A voided grant: what was taken back, and the balance after.
+
+    ``moved`` credits were held of it by live reservations and now are of
+    other buckets.
+    """
+
+    account: str
+    grant_id: str
+    voided: int
+    credits: int
+    sequence: int
+    moved: int = 0
     replayed: bool = False
 
 
@@ -76,6 +102,28 @@ class PlanChange:
     previous_plan: str
     sequence: int
     replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreditBucket:
+    """One bucket of an account's credits: the base bucket, a grant, or the refill's.
+
+    Times are ms on the server's clock; ``expires_at_ms`` is ``None`` for
+    never. A bucket that is not ``live`` yet (pending) starts at
+    ``effective_at_ms``; its credits are not in the balance until then.
+    ``held`` is what live reservations hold of it.
+    """
+
+    id: str
+    category: str
+    priority: int
+    remaining: int
+    held: int
+    granted: int
+    effective_at_ms: int
+    expires_at_ms: int | None
+    created_ms: int
+    live: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +144,10 @@ class Balance:
     server_time_ms: int
     # Rate limits read without spending (a peek).
     limits: tuple[LimitState, ...] = ()
+    # In burn order, the base bucket included; credits is the sum of the live ones.
+    buckets: tuple[CreditBucket, ...] = ()
+    # How far below zero the plan lets credits go.
+    overdraft: int = 0
 
     @property
     def available(self) -> int:

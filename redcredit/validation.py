@@ -15,7 +15,7 @@ import json
 import re
 import reprlib
 import unicodedata
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 from .errors import AccountIdError, InvalidInput
@@ -27,18 +27,25 @@ __all__ = [
     "MAX_ACCOUNT_ID_BYTES",
     "MAX_AMOUNT",
     "MAX_IDEMPOTENCY_KEY_BYTES",
+    "MAX_PRIORITY",
     "MAX_REASON_BYTES",
+    "RESERVED_GRANT_IDS",
     "check_account_id",
     "check_amount",
+    "check_category",
     "check_duration_ms",
     "check_feature_name",
+    "check_grant_id",
     "check_idempotency_key",
+    "check_instant_ms",
     "check_key_prefix",
     "check_limit_name",
     "check_model_name",
     "check_plan_name",
+    "check_priority",
     "check_reason",
     "check_reservation_id",
+    "check_reservation_parts",
     "check_signed_amount",
     "describe_validation_error",
     "short_repr",
@@ -59,6 +66,10 @@ _RESERVATION_ID: Final = re.compile(r"[0-9a-f]{32}")
 _FEATURE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PLAN: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _LIMIT: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_GRANT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+# Ids the scripts give buckets of their own.
+RESERVED_GRANT_IDS: Final = frozenset({"base", "refill"})
+MAX_PRIORITY: Final = 1000
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 _SHOWN_CHARS: Final = 60
@@ -254,6 +265,77 @@ def _check_pattern(value: object, pattern: re.Pattern[str], name: str, rule: str
 def check_reservation_id(value: object) -> str:
     """32 lowercase hex characters, as ``uuid.uuid4().hex`` makes."""
     return _check_pattern(value, _RESERVATION_ID, "reservation id", "32 lowercase hex characters")
+
+
+def check_grant_id(value: object) -> str:
+    """1 to 64 characters of ``A-Z a-z 0-9 _ . : -``, starting with a letter or digit.
+
+    ``base`` and ``refill`` name the buckets of the account and of its plan's
+    refill, which are not granted by id.
+    """
+    grant_id = _check_pattern(
+        value,
+        _GRANT_ID,
+        "grant id",
+        "1 to 64 of A-Z a-z 0-9 _ . : - starting with a letter or digit",
+    )
+    if grant_id in RESERVED_GRANT_IDS:
+        raise InvalidInput(f"grant id {grant_id!r} is reserved for the bucket the scripts keep")
+    return grant_id
+
+
+_CATEGORY: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def check_category(value: object, allowed: tuple[str, ...] | None) -> str:
+    """A grant category: one of ``allowed`` (the configured ones) when given."""
+    category = _check_pattern(
+        value, _CATEGORY, "category", "1 to 32 of a-z 0-9 _ starting with a letter"
+    )
+    if allowed is not None and category not in allowed:
+        raise InvalidInput(
+            f"category {category!r} is not configured (grants.categories: {', '.join(allowed)})"
+        )
+    return category
+
+
+def check_priority(value: object) -> int:
+    """An int from 0 to 1000: lower burns first."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidInput(
+            f"priority must be an int from 0 to {MAX_PRIORITY}, not {short_repr(value)}"
+        )
+    return int.__int__(value)
+
+
+def check_instant_ms(value: object, *, name: str) -> int:
+    """A timezone-aware datetime, as ms since the epoch (after 1970, before year 9999)."""
+    if not isinstance(value, datetime):
+        raise InvalidInput(
+            f"{name} must be a timezone-aware datetime, not {type(value).__name__} "
+            f"{short_repr(value)}"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{name} must be timezone-aware, not the naive {value.isoformat()}")
+    ms = int(value.timestamp() * 1000)
+    if ms <= 0:
+        raise InvalidInput(f"{name} must lie after 1970, not {value.isoformat()}")
+    return ms
+
+
+_ABSENT: Final = object()
+
+
+def check_reservation_parts(reservation: object) -> tuple[str, str]:
+    """The account and id of a Reservation, a ReservationRef, or anything shaped like them."""
+    account = getattr(reservation, "account", _ABSENT)
+    reservation_id = getattr(reservation, "id", _ABSENT)
+    if account is _ABSENT or reservation_id is _ABSENT:
+        raise InvalidInput(
+            "reservation must be a Reservation or ReservationRef, not "
+            f"{type(reservation).__name__} {short_repr(reservation)}"
+        )
+    return check_account_id(account), check_reservation_id(reservation_id)
 
 
 def check_feature_name(value: object) -> str:

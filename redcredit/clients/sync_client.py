@@ -7,7 +7,7 @@ run the tool; a test fails when the two differ.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Self, TypeVar
 
 import redis
@@ -32,6 +32,7 @@ from ..results import (
     Reservation,
     Settlement,
     SpendResult,
+    Void,
 )
 from .reservation import ReservationBlock
 
@@ -195,18 +196,56 @@ class RedCredit:
         credits: int = 0,
         *,
         chat_messages: int = 0,
+        category: str | None = None,
+        priority: int | None = None,
+        effective_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        expires_in: int | timedelta | None = None,
+        grant_id: str | None = None,
         reason: str | None = None,
         idempotency_key: str | None = None,
     ) -> BalanceChange:
-        """Adds credits and/or chat messages, e.g. keyed by a payment id."""
+        """Adds credits and/or chat messages, e.g. keyed by a payment id.
+
+        Plain credits join the account's base bucket (paid, never expiring).
+        With a ``category``, ``priority``, start (``effective_at``), expiry
+        (``expires_at``, or ``expires_in`` seconds or a timedelta) or a
+        ``grant_id``, they make a bucket of their own, which burns in the
+        configured order and can be voided; the result names it.
+        """
         return self.run(
             self.engine.grant(
                 account,
                 credits,
                 chat_messages=chat_messages,
+                category=category,
+                priority=priority,
+                effective_at=effective_at,
+                expires_at=expires_at,
+                expires_in=expires_in,
+                grant_id=grant_id,
+                new_grant_id=uuid.uuid4().hex,
                 reason=reason,
                 idempotency_key=idempotency_key,
             )
+        )
+
+    def void(
+        self,
+        account: str,
+        grant_id: str,
+        *,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Void:
+        """Admin: takes back what is left of a grant (credits spent from it stay spent).
+
+        Live reservations it backs move to other buckets that last until
+        their deadlines; when none can, :class:`InsufficientCredits` and
+        nothing changes. :class:`GrantNotFound` when there is no such bucket.
+        """
+        return self.run(
+            self.engine.void(account, grant_id, reason=reason, idempotency_key=idempotency_key)
         )
 
     def correct(

@@ -12,14 +12,13 @@ touches Redis. Replies are read by the pure parsers of :mod:`.replies`.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from .. import validation as v
 from ..config import Settings
-from ..errors import ConfigError, InvalidInput, NotDurable
+from ..errors import ConfigError, InvalidInput
 from ..results import (
     Balance,
     BalanceChange,
@@ -28,42 +27,21 @@ from ..results import (
     ReservationRef,
     Settlement,
     SpendResult,
+    Void,
 )
-from . import replies
+from . import grants, replies
 from .keys import AccountKeys, KeySpace
 from .loader import AccountSnapshot
 from .plan_rules import Rules
 from .replies import Reply, Status
-from .scripts import LuaScript, load_scripts
+from .scripts import load_scripts
+from .steps import LoadAccount, Operation, ScriptCall, Step, check_durable
 
-__all__ = ["Engine", "LoadAccount", "Operation", "ScriptCall", "check_durable"]
+__all__ = ["Engine", "LoadAccount", "Operation", "ReservationLike", "ScriptCall", "check_durable"]
 
 T = TypeVar("T")
 
 ReservationLike = Reservation | ReservationRef
-
-
-@dataclass(frozen=True, slots=True)
-class ScriptCall:
-    """Run ``script`` with EVALSHA; the driver answers with the raw reply."""
-
-    script: LuaScript
-    keys: Sequence[str]
-    args: Sequence[str | int]
-    # A WAITAOF or WAIT command to send in the same round trip, when the
-    # settings ask for durability before answering.
-    wait: tuple[str | int, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LoadAccount:
-    """Load an account absent from Redis; the driver answers with an AccountSnapshot."""
-
-    account: str
-
-
-Step = ScriptCall | LoadAccount
-Operation = Generator[Step, Any, T]
 
 
 class Engine:
@@ -147,15 +125,28 @@ class Engine:
             None,
             "",
             [
-                v.check_amount(snapshot.credits, name="credits"),
+                self._opening_credits(snapshot.credits, plan),
                 v.check_amount(snapshot.chat_messages, name="chat_messages"),
                 plan,
                 v.check_amount(snapshot.sequence, name="sequence"),
                 1 if snapshot.sequence == 0 else 0,
+                ";".join(map(grants.hydrated, snapshot.buckets)),
                 *records,
             ],
             extra_keys=record_keys,
         )
+
+    def _opening_credits(self, credits: object, plan: str) -> int:
+        """Credits of a snapshot: below zero only within its plan's overdraft."""
+        credits = v.check_signed_amount(credits, name="credits")
+        known = self.settings.plans.get(plan)
+        overdraft = 0 if known is None else known.overdraft
+        if credits < -overdraft:
+            raise InvalidInput(
+                f"credits must be at least {-overdraft} on plan {plan!r} (its overdraft), "
+                f"not {credits}"
+            )
+        return credits
 
     def ttl_ms(self, ttl: int | timedelta | None) -> int:
         if ttl is None:
@@ -170,10 +161,11 @@ class Engine:
         keys: AccountKeys,
         parse: Callable[[Reply], T],
         reservation_id: str = "",
+        grant_id: str = "",
     ) -> Operation[T]:
         """Runs a call, raises the refusal its reply stands for, or parses its success."""
         reply = yield from self._run(call, keys)
-        refused = replies.refusal(reply, keys.account, reservation_id)
+        refused = replies.refusal(reply, keys.account, reservation_id, grant_id)
         if refused is not None:
             raise refused
         return parse(reply)
@@ -266,13 +258,75 @@ class Engine:
         credits: int = 0,
         *,
         chat_messages: int = 0,
+        category: str | None = None,
+        priority: int | None = None,
+        effective_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        expires_in: int | timedelta | None = None,
+        grant_id: str | None = None,
+        new_grant_id: str = "",
         reason: str | None = None,
         idempotency_key: str | None = None,
     ) -> Operation[BalanceChange]:
-        """Adds credits and/or chat messages (a top-up, keyed by e.g. a payment id)."""
+        """Adds credits and/or chat messages (a top-up, keyed by e.g. a payment id).
+
+        With any of ``category``, ``priority``, ``effective_at``, ``expires_at``,
+        ``expires_in`` or ``grant_id`` the credits make a bucket of their own
+        (``new_grant_id`` names it when ``grant_id`` does not); otherwise they
+        join the base bucket.
+        """
         credits = v.check_amount(credits, name="credits")
         chat_messages = v.check_amount(chat_messages, name="chat_messages")
-        return self._adjust_op(account, "grant", credits, chat_messages, reason, idempotency_key)
+        bucket_args = (category, priority, effective_at, expires_at, expires_in, grant_id)
+        if all(arg is None for arg in bucket_args):
+            return self._adjust_op(
+                account, "grant", credits, chat_messages, reason, idempotency_key
+            )
+        account = v.check_account_id(account)
+        bucket = grants.BucketGrant.of(
+            self.settings.grants,
+            credits=credits,
+            category=category,
+            priority=priority,
+            effective_at=effective_at,
+            expires_at=expires_at,
+            expires_in=expires_in,
+            grant_id=grant_id,
+            new_grant_id=new_grant_id,
+        )
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        reason_text = "" if reason is None else v.check_reason(reason)
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "grant",
+            keys,
+            idempotency_key,
+            f"{credits}:{bucket.fingerprint(chat_messages)}|{reason_text}",
+            [credits, chat_messages, *bucket.args(), reason_text],
+        )
+        return self._run_parsed(
+            call, keys, partial(replies.grant_change, account=account), grant_id=bucket.id
+        )
+
+    def void(
+        self,
+        account: str,
+        grant_id: str,
+        *,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Operation[Void]:
+        """Takes back what is left of a grant; what was spent of it stays spent."""
+        account = v.check_account_id(account)
+        grant_id = v.check_grant_id(grant_id)
+        reason_text = "" if reason is None else v.check_reason(reason)
+        idempotency_key = v.check_idempotency_key(idempotency_key)
+        keys = self.keys.for_account(account)
+        call = self._call(
+            "void", keys, idempotency_key, f"void:{grant_id}|{reason_text}", [grant_id, reason_text]
+        )
+        parse = partial(replies.void, account=account, grant_id=grant_id)
+        return self._run_parsed(call, keys, parse, grant_id=grant_id)
 
     def correct(
         self,
@@ -388,7 +442,7 @@ class Engine:
         idempotency_key: str | None = None,
     ) -> Operation[Settlement]:
         """Settles (charging ``actual``) or releases a reservation."""
-        account, reservation_id = _reservation_parts(reservation)
+        account, reservation_id = v.check_reservation_parts(reservation)
         actual = 0 if release else v.check_amount(actual, name="actual")
         if type(allow_late) is not bool:
             raise InvalidInput(f"allow_late must be a bool, not {type(allow_late).__name__}")
@@ -410,7 +464,7 @@ class Engine:
         self, reservation: ReservationLike, *, ttl: int | timedelta | None = None
     ) -> Operation[Reservation]:
         """Renews the lease to now + ttl (server clock)."""
-        account, reservation_id = _reservation_parts(reservation)
+        account, reservation_id = v.check_reservation_parts(reservation)
         ttl_ms = self.ttl_ms(ttl)
         keys = self.keys.for_account(account)
         call = self._call(
@@ -429,37 +483,6 @@ class Engine:
 
 def _model(model: str | None) -> str:
     return "" if model is None else v.check_model_name(model)
-
-
-_ABSENT: Final = object()
-
-
-def _reservation_parts(reservation: object) -> tuple[str, str]:
-    """The account and id of a Reservation, a ReservationRef, or anything shaped like them."""
-    account = getattr(reservation, "account", _ABSENT)
-    reservation_id = getattr(reservation, "id", _ABSENT)
-    if account is _ABSENT or reservation_id is _ABSENT:
-        raise InvalidInput(
-            "reservation must be a Reservation or ReservationRef, not "
-            f"{type(reservation).__name__} {v.short_repr(reservation)}"
-        )
-    return v.check_account_id(account), v.check_reservation_id(reservation_id)
-
-
-def check_durable(call: ScriptCall, reply: Any, acknowledged: Any) -> None:
-    """Raises NotDurable when WAITAOF / WAIT did not confirm a change in time.
-
-    A refusal, or an account still to be loaded, changed nothing: no need to wait.
-    """
-    if call.wait is None or reply[0] != Status.OK:
-        return
-    confirmed = int(acknowledged[0]) if call.wait[0] == "WAITAOF" else int(acknowledged)
-    if confirmed < 1:
-        where = "the AOF" if call.wait[0] == "WAITAOF" else "a replica"
-        raise NotDurable(
-            f"the change was applied but not confirmed on {where} in time; "
-            "retry with the same idempotency key to learn its outcome"
-        )
 
 
 def _ms(duration: timedelta) -> int:

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountLoader",
     "AccountSnapshot",
-    "BucketSnapshot",
     "AsyncAccountLoader",
     "AsyncDefaultsLoader",
+    "BucketSnapshot",
     "DefaultsLoader",
 ]
 

@@ -1,12 +1,18 @@
-"""Rate limits and refills of every plan, as the one string the scripts read (ARGV[7]).
+"""The grant settings and every plan's rules, as the one string the scripts read (ARGV[7]).
 
-One line per plan that has any: ``\\n<plan>|<limits>|<refills>``.
+The first line holds the grant settings: ``<burn order>|<categories>|<most
+grants>|<default priority>``, the burn order as letters (``p`` priority,
+``x`` expiry, ``c`` category, ``e`` effective start, ``d`` created) and the
+categories comma-separated in burn order. Then one line per plan that has
+rate limits, refills or an overdraft: ``\\n<plan>|<limits>|<refills>|<overdraft>``.
 
 - limits, ``;``-separated: ``name,kind,rate,period_ms,burst,per_model,shadow``
   with kind ``r`` (requests, GCRA) or ``c`` (credit-weighted token bucket);
-- refills, ``;``-separated: ``resource,amount,r,period_ms`` (rolling) or
-  ``resource,amount,c,start,start,start`` (calendar), resource ``c`` (credits)
-  or ``m`` (chat messages).
+- refills, ``;``-separated: ``resource,amount,mode,rollover,expires_ms,
+  category,priority,`` then ``r,period_ms`` (rolling) or ``c,start,start,start``
+  (calendar); resource ``c`` (credits) or ``m`` (chat messages), mode ``a``
+  (add) or ``t`` (top up to), rollover ``-1`` (all), ``0`` (none) or a cap,
+  expires_ms ``0`` for never.
 
 Calendar periods follow a time zone's rules (days of 23 or 25 hours, months
 of any length), which the scripts cannot know: the client sends the starts of
@@ -21,7 +27,7 @@ import time
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from ..config import LimitSettings, PlanSettings, RefillSettings, Settings
+from ..config import GrantSettings, LimitSettings, PlanSettings, RefillSettings, Settings
 
 __all__ = ["Rules"]
 
@@ -57,6 +63,24 @@ def _local_midnight_ms(day: date, zone: ZoneInfo) -> int:
     return int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp() * 1000)
 
 
+_CRITERIA = {"priority": "p", "expiry": "x", "category": "c", "effective": "e", "created": "d"}
+
+
+def _grant_line(grants: GrantSettings) -> str:
+    order = "".join(_CRITERIA[criterion] for criterion in grants.burn_order)
+    categories = ",".join(grants.categories)
+    return f"{order}|{categories}|{grants.max_grants}|{grants.default_priority}"
+
+
+def _refill_terms(refill: RefillSettings) -> str:
+    mode = "a" if refill.mode == "add" else "t"
+    rollover = refill.rollover
+    if isinstance(rollover, str):
+        rollover = -1 if rollover == "all" else 0
+    expires = 0 if refill.expires_in is None else _ms(refill.expires_in)
+    return f"{mode},{rollover},{expires},{refill.category},{refill.priority}"
+
+
 class Rules:
     """Builds the rules string, and rebuilds it only when a calendar period turns."""
 
@@ -64,8 +88,9 @@ class Rules:
         self._plans = {
             name: plan
             for name, plan in sorted(settings.plans.items())
-            if plan.limits or plan.refill is not None
+            if plan.limits or plan.refill is not None or plan.overdraft
         }
+        self._grants = _grant_line(settings.grants)
         self._text = ""
         # Without calendar refills the text never changes: valid forever.
         self._valid_until_s = float("-inf")
@@ -77,13 +102,13 @@ class Rules:
         return self._text
 
     def _build(self, now_s: float) -> tuple[str, float]:
-        lines = []
+        lines = [self._grants]
         valid_until = float("inf")
         for name, plan in self._plans.items():
             refills, next_start = self._refills(plan, now_s)
             valid_until = min(valid_until, next_start)
             limits = ";".join(_limit(limit) for limit in plan.limits)
-            lines.append(f"\n{name}|{limits}|{refills}")
+            lines.append(f"\n{name}|{limits}|{refills}|{plan.overdraft}")
         return "".join(lines), valid_until
 
     def _refills(self, plan: PlanSettings, now_s: float) -> tuple[str, float]:
@@ -98,8 +123,9 @@ class Rules:
             schedule = "c," + ",".join(map(str, starts))
             next_start = starts[2] / 1000
         parts = []
+        terms = _refill_terms(refill)
         if refill.credits:
-            parts.append(f"c,{refill.credits},{schedule}")
+            parts.append(f"c,{refill.credits},{terms},{schedule}")
         if refill.chat_messages:
-            parts.append(f"m,{refill.chat_messages},{schedule}")
+            parts.append(f"m,{refill.chat_messages},{terms},{schedule}")
         return ";".join(parts), next_start

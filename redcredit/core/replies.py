@@ -15,6 +15,9 @@ from typing import Any, Final
 from ..errors import (
     AlreadyApplied,
     BalanceOverflow,
+    GrantExists,
+    GrantExpired,
+    GrantNotFound,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -24,16 +27,19 @@ from ..errors import (
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    TooManyGrants,
 )
 from ..results import (
     Balance,
     BalanceChange,
+    CreditBucket,
     LimitState,
     PlanChange,
     Reservation,
     Settlement,
     SettlementOutcome,
     SpendResult,
+    Void,
 )
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "Status",
     "balance",
     "balance_change",
+    "grant_change",
     "limit_reset",
     "plan_change",
     "refusal",
@@ -50,6 +57,7 @@ __all__ = [
     "reservation_extended",
     "settlement",
     "spend_result",
+    "void",
 ]
 
 Reply = list[Any]
@@ -72,6 +80,15 @@ class Status(IntEnum):
     RATE_LIMITED = 10
     # Stored by hydrate under a key PostgreSQL holds: the first reply is gone.
     APPLIED_BEFORE = 11
+    GRANT_EXISTS = 12
+    GRANT_NOT_FOUND = 13
+    TOO_MANY_GRANTS = 14
+    GRANT_EXPIRED = 15
+
+
+# A bypassing plan's balances in replies (-2**53): with an overdraft a real
+# balance may be below zero.
+UNLIMITED: Final = -(2**53)
 
 
 class Outcome(IntEnum):
@@ -94,10 +111,12 @@ def _text(value: bytes | str) -> str:
 
 
 def _unlimited_as_none(value: int) -> int | None:
-    return None if value < 0 else int(value)
+    return None if value == UNLIMITED else int(value)
 
 
-def refusal(reply: Reply, account: str, reservation_id: str = "") -> RedCreditError | None:
+def refusal(
+    reply: Reply, account: str, reservation_id: str = "", grant_id: str = ""
+) -> RedCreditError | None:
     """The error a refused reply stands for; ``None`` for success.
 
     MISSING is not a refusal: the engine loads the account and calls again
@@ -138,6 +157,28 @@ def refusal(reply: Reply, account: str, reservation_id: str = "") -> RedCreditEr
             return ReservationClosed(
                 f"reservation {reservation_id} of account {account!r} is already {closed}",
                 **where,
+            )
+        case Status.GRANT_EXISTS:
+            return GrantExists(
+                f"account {account!r} has a live grant {grant_id!r} already",
+                account=account,
+                grant_id=grant_id,
+            )
+        case Status.GRANT_NOT_FOUND:
+            return GrantNotFound(
+                f"account {account!r} has no grant {grant_id!r} "
+                "(never granted, spent, expired or voided)",
+                account=account,
+                grant_id=grant_id,
+            )
+        case Status.TOO_MANY_GRANTS:
+            return TooManyGrants(account=account, grant_id=grant_id, most=int(reply[2]))
+        case Status.GRANT_EXPIRED:
+            return GrantExpired(
+                f"grant {grant_id!r} of account {account!r} would expire at {int(reply[2])} ms, "
+                f"not after it starts (server time {int(reply[3])} ms)",
+                account=account,
+                grant_id=grant_id,
             )
         case Status.RES_EXISTS:
             return ReservationError(f"reservation id {reservation_id} is already in use", **where)
@@ -180,13 +221,57 @@ def balance_change(reply: Reply, *, account: str) -> BalanceChange:
     return BalanceChange(account, int(reply[2]), int(reply[3]), int(reply[4]), bool(reply[1]))
 
 
+def grant_change(reply: Reply, *, account: str) -> BalanceChange:
+    """grant.lua: credits, chat messages, sequence, bucket id, effective, expiry."""
+    expires = int(reply[7])
+    return BalanceChange(
+        account,
+        int(reply[2]),
+        int(reply[3]),
+        int(reply[4]),
+        bool(reply[1]),
+        grant_id=_text(reply[5]),
+        effective_at_ms=int(reply[6]),
+        expires_at_ms=expires or None,
+    )
+
+
+def void(reply: Reply, *, account: str, grant_id: str) -> Void:
+    """void.lua: credits taken back, credits after, sequence, credits moved."""
+    return Void(
+        account=account,
+        grant_id=grant_id,
+        voided=int(reply[2]),
+        credits=int(reply[3]),
+        sequence=int(reply[4]),
+        moved=int(reply[5]),
+        replayed=bool(reply[1]),
+    )
+
+
+def _bucket(raw: list[Any]) -> CreditBucket:
+    return CreditBucket(
+        id=_text(raw[0]),
+        remaining=int(raw[1]),
+        held=int(raw[2]),
+        priority=int(raw[3]),
+        category=_text(raw[4]),
+        effective_at_ms=int(raw[5]),
+        expires_at_ms=int(raw[6]) or None,
+        created_ms=int(raw[7]),
+        granted=int(raw[8]),
+        live=bool(raw[9]),
+    )
+
+
 def plan_change(reply: Reply, *, account: str, plan: str) -> PlanChange:
     """set_plan.lua: sequence, previous plan."""
     return PlanChange(account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
 
 
 def balance(reply: Reply, *, account: str) -> Balance:
-    """balance.lua: credits, chat, held, plan, sequence, bypass, server time, limit states."""
+    """balance.lua: credits, chat, held, plan, sequence, bypass, server time,
+    overdraft, buckets, limit states."""
     return Balance(
         account=account,
         credits=int(reply[2]),
@@ -196,7 +281,9 @@ def balance(reply: Reply, *, account: str) -> Balance:
         sequence=int(reply[6]),
         unlimited=bool(reply[7]),
         server_time_ms=int(reply[8]),
-        limits=limit_states(reply, 9),
+        overdraft=int(reply[9]),
+        buckets=tuple(_bucket(raw) for raw in reply[10]),
+        limits=limit_states(reply, 11),
     )
 
 

@@ -1,7 +1,7 @@
 """The Lua scripts, loaded once from the ``lua/`` folder with their SHA1.
 
-Each script is sent as ``_prelude.lua`` followed by its own file, because
-Redis cannot include one script from another.
+Each script is sent as ``_prelude.lua`` and ``_buckets.lua`` followed by its
+own file, because Redis cannot include one script from another.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 __all__ = [
+    "PRELUDE_NAMES",
     "SCRIPT_NAMES",
     "STANDALONE_NAMES",
     "LuaScript",
@@ -28,13 +29,17 @@ SCRIPT_NAMES = (
     "balance",
     "debit",
     "extend",
+    "grant",
     "hydrate",
     "rebase",
     "reserve",
     "reset_limits",
     "set_plan",
     "settle",
+    "void",
 )
+# Sent, in this order, before each of SCRIPT_NAMES.
+PRELUDE_NAMES = ("_prelude", "_buckets")
 # Scripts of the syncer and maintenance: they share none of the prelude.
 STANDALONE_NAMES = ("ack", "evict", "sync_lease", "sync_members")
 
@@ -58,7 +63,7 @@ def lua_dir() -> Traversable:
 @cache
 def load_scripts() -> dict[str, LuaScript]:
     folder = lua_dir()
-    prelude = folder.joinpath("_prelude.lua").read_bytes()
+    prelude = b"".join(folder.joinpath(f"{name}.lua").read_bytes() for name in PRELUDE_NAMES)
     scripts = {}
     for name in SCRIPT_NAMES:
         source = prelude + folder.joinpath(f"{name}.lua").read_bytes()

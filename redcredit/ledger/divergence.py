@@ -71,6 +71,7 @@ from ..backends.topology import Topology
 from ..config import Settings
 from ..core.journal import JournalEntry, text
 from ..core.keys import KeySpace
+from ..core.plan_rules import Rules
 from ..core.replies import Status
 from ..core.scripts import load_scripts
 from ..errors import RedCreditError
@@ -256,6 +257,8 @@ class Divergence:
         self._fault = fault_hook or (lambda _stage: None)
         self._window_ms = int(settings.idempotency_window.total_seconds() * 1000)
         self._bypass = "|" + "|".join(settings.bypass_plans) + "|"
+        # The grant settings: a re-base may touch the account's buckets.
+        self._rules = Rules(settings)
         self._due: set[str] = set()
         self._next_sweep = 0.0  # open forks are looked up at the first call
         self._retry_at = 0.0
@@ -348,7 +351,7 @@ class Divergence:
         # A plan of NULL (a legacy row) names no plan: Redis's is kept.
         base_plan = (fork.base_plan or "") if pg_plan else ""
         args: list[str | int] = [
-            fork.account, 0, "", "", self._window_ms, self._bypass, "", "",
+            fork.account, 0, "", "", self._window_ms, self._bypass, self._rules.text(), "",
             fork.fork_id, newest[1], fork.base_credits, fork.base_chat, *repeats,
             pg_credits, pg_chat, pg_plan or "", pg_seq, base_plan,
         ]  # fmt: skip

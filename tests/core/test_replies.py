@@ -12,6 +12,9 @@ from redcredit.core.scripts import SCRIPT_NAMES, lua_dir
 from redcredit.errors import (
     AlreadyApplied,
     BalanceOverflow,
+    GrantExists,
+    GrantExpired,
+    GrantNotFound,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
@@ -21,6 +24,7 @@ from redcredit.errors import (
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    TooManyGrants,
 )
 
 # `local A, B = 0, 1`: constants declared in a Lua chunk.
@@ -54,7 +58,12 @@ def _header(text: str) -> str:
 
 def test_prelude_status_constants_are_the_enum() -> None:
     constants = _constants(_source("_prelude"))
-    statuses = {name: value for name, value in constants.items() if name != "MAX_AMOUNT"}
+    # MAX_AMOUNT and the fields of a credit bucket (BID, BREM, ...) are no statuses.
+    statuses = {
+        name: value
+        for name, value in constants.items()
+        if name != "MAX_AMOUNT" and not name.startswith("B")
+    }
     assert statuses == {member.name: member.value for member in Status}
 
 
@@ -97,6 +106,10 @@ _REFUSALS: list[tuple[list[object], type[RedCreditError]]] = [
     ([Status.RES_CLOSED, 0, Outcome.RELEASED], ReservationClosed),
     ([Status.RATE_LIMITED, 0, b"per_minute", 250], RateLimited),
     ([Status.APPLIED_BEFORE, 1, 42], AlreadyApplied),
+    ([Status.GRANT_EXISTS, 0], GrantExists),
+    ([Status.GRANT_NOT_FOUND, 0], GrantNotFound),
+    ([Status.TOO_MANY_GRANTS, 0, 32], TooManyGrants),
+    ([Status.GRANT_EXPIRED, 0, 1_000, 2_000], GrantExpired),
 ]
 
 
@@ -138,14 +151,28 @@ def test_success_is_no_refusal_and_an_unknown_status_is_an_error() -> None:
 
 def test_parsers_read_the_documented_layouts() -> None:
     limit = [b"rpm", 60, 60, 59, 1, 0, 0]
-    spent = replies.spend_result([0, 1, -1, 4, 7, *limit], account="a")
+    spent = replies.spend_result([0, 1, replies.UNLIMITED, 4, 7, *limit], account="a")
     assert (spent.credits_remaining, spent.chat_messages_remaining) == (None, 4)
+    # Within an overdraft a balance below zero is a balance, not "unlimited".
+    owing = replies.spend_result([0, 0, -1, 4, 7], account="a")
+    assert owing.credits_remaining == -1
     assert (spent.sequence, spent.replayed, spent.limits[0].name) == (7, True, "rpm")
-    balance = replies.balance([0, 0, 10, 2, 3, b"free", 9, 0, 1_000, *limit], account="a")
+    base = [b"base", 4, 3, 50, b"paid", 0, 0, 0, 0, 1]
+    promo = [b"p1", 6, 0, 50, b"promotional", 900, 5_000, 900, 6, 1]
+    balance = replies.balance(
+        [0, 0, 10, 2, 3, b"free", 9, 0, 1_000, 20, [promo, base], *limit], account="a"
+    )
     assert (balance.available, balance.plan, balance.limits[0].remaining) == (7, "free", 59)
+    assert balance.overdraft == 20
+    assert [(b.id, b.remaining, b.expires_at_ms) for b in balance.buckets] == [
+        ("p1", 6, 5_000),
+        ("base", 4, None),
+    ]
     reservation = replies.reservation([0, 0, 5_000, 3, b"ab" * 16, *limit], account="a", amount=8)
     assert (reservation.id, reservation.amount, reservation.deadline_ms) == ("ab" * 16, 8, 5_000)
-    settled = replies.settlement([0, 0, 3, 4, 1, -1, 12], account="a", reservation_id="r")
+    settled = replies.settlement(
+        [0, 0, 3, 4, 1, replies.UNLIMITED, 12], account="a", reservation_id="r"
+    )
     assert (settled.outcome, settled.uncharged, settled.credits_remaining) == (
         "settled_late",
         1,

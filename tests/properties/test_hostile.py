@@ -28,7 +28,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -239,6 +239,16 @@ TTLS: list[object] = [
     b"60",
     *ODD_OBJECTS,
 ]
+PRIORITIES: list[object] = [-1, 1001, True, 1.5, "1", 2**64]
+# Naive, before 1970, or no datetime at all.
+INSTANTS: list[object] = [
+    datetime(2030, 1, 1),
+    datetime(1960, 1, 1, tzinfo=UTC),
+    "2030-01-01T00:00:00Z",
+    1_900_000_000_000,
+    1.5,
+]
+LIFETIMES: list[object] = [0, -1, timedelta(0), timedelta(milliseconds=999), "60", 1.5, 10**12]
 MALFORMED_NAMES: list[object] = [
     "",
     " image",
@@ -356,6 +366,7 @@ def cases_for(method: str, live: ReservationRef) -> list[Case]:
         for value in ACCOUNT_IDS
     ]
     flags = [Case("allow_late", value, "allow_late") for value in FLAGS]
+    grant_ids = [Case("grant_id", value, "grant id") for value in [*MALFORMED_NAMES, "base"]]
     table: dict[str, list[Case]] = {
         "spend": [
             *accounts,
@@ -384,6 +395,18 @@ def cases_for(method: str, live: ReservationRef) -> list[Case]:
             *accounts,
             *_amount_cases("credits", zero_refused=True),
             *_amount_cases("chat_messages", zero_refused=True),
+            *[Case("category", value, "category") for value in [*MALFORMED_NAMES, "gold"]],
+            *[Case("priority", value, "priority") for value in PRIORITIES],
+            *[Case("effective_at", value, "effective_at") for value in INSTANTS],
+            *[Case("expires_at", value, "expires_at") for value in INSTANTS],
+            *[Case("expires_in", value, "expires_in") for value in LIFETIMES],
+            *grant_ids,
+            *[Case("reason", value, "reason") for value in SHORT_TEXTS],
+            *keys,
+        ],
+        "void": [
+            *accounts,
+            *grant_ids,
             *[Case("reason", value, "reason") for value in SHORT_TEXTS],
             *keys,
         ],
@@ -451,6 +474,7 @@ METHODS = sorted(
         "chat_turn",
         "spend_chat_message",
         "grant",
+        "void",
         "correct",
         "set_plan",
         "balance",
@@ -479,6 +503,8 @@ def base_kwargs(method: str, param: str, live: ReservationRef) -> dict[str, obje
         )
     if method == "set_plan":
         return {"account": VICTIM, "plan": "starter"}
+    if method == "void":
+        return {"account": VICTIM} if param == "grant_id" else {"account": VICTIM, "grant_id": "g1"}
     if method in ("spend", "chat_turn"):
         if param == "feature":
             return {"account": VICTIM}

@@ -1,0 +1,66 @@
+-- void: take back what is left of a credit bucket (an admin call). Credits
+-- already spent from it stay spent; a pending bucket is dropped before it
+-- starts. Live holds the bucket backs move to other buckets that last until
+-- their deadlines, or the void is refused: a hold is never left unbacked.
+--
+-- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- ARGV[1..8]  common arguments (see _prelude.lua)
+-- ARGV[9]     bucket id
+-- ARGV[10]    reason, '' for none (journaled as field 'f')
+--
+-- Returns {0, replayed, credits taken back, credits, sequence, credits the
+--          bucket held for live holds (moved)};
+--   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {2, 0, required, available} when holds the bucket backs cannot move;
+--   {6, 0} when the idempotency key was used for another call;
+--   {13, 0} when the account has no such bucket (never granted, spent,
+--     expired or voided).
+
+local replay = idem_replay()
+if replay then return replay end
+if not load_account() then return {MISSING, 0} end
+catch_up()
+
+local id = ARGV[9]
+if not ctx.B then return {GRANT_NOT_FOUND, 0} end
+load_buckets()
+local b = ctx.bidx[id]
+if not b then return {GRANT_NOT_FOUND, 0} end
+
+local moved_total = b[BHELD]
+if b[BHELD] > 0 then
+  local writes = {}
+  local holds = redis.call('ZRANGE', ctx.holds, 0, -1, 'WITHSCORES')
+  for i = 1, #holds, 2 do
+    local rid, deadline = holds[i], tonumber(holds[i + 1])
+    local amount = tonumber(redis.call('HGET', ctx.acct, 'r.' .. rid) or '0')
+    local parts, kept, on_bucket = hold_parts(rid, amount), {}, 0
+    for j = 1, #parts, 2 do
+      if parts[j] == id then
+        on_bucket = on_bucket + parts[j + 1]
+      else
+        kept[#kept + 1], kept[#kept + 2] = parts[j], parts[j + 1]
+      end
+    end
+    if on_bucket > 0 then
+      unhold({id, on_bucket})
+      local moved = allocate(on_bucket, deadline, id)
+      -- Nothing is saved before this point: a refusal changes nothing.
+      if not moved then return {NO_CREDITS, 0, on_bucket, backing(deadline, id)} end
+      for j = 1, #moved do kept[#kept + 1] = moved[j] end
+      writes[#writes + 1] = 'q.' .. rid
+      writes[#writes + 1] = parts_text(kept)
+    end
+  end
+  if #writes > 0 then redis.call('HSET', ctx.acct, unpack(writes)) end
+end
+
+local taken = b[BREM]
+local credit_delta = 0
+if b[BLIVE] == 1 then credit_delta = -taken end
+bucket_delta(b, -taken)
+save_balances()
+local extra = {'g', id}
+if ARGV[10] ~= '' then extra[#extra + 1], extra[#extra + 2] = 'f', ARGV[10] end
+local seq = journal('void', credit_delta, 0, extra)
+return idem_store({OK, 0, taken, ctx.credits, seq, moved_total})
