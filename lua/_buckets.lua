@@ -221,6 +221,29 @@ local function unhold(parts)
   end
 end
 
+-- Moves the parts of a hold on the buckets 'leaving' picks to buckets that
+-- back it until 'deadline' ('except' left out): extend and void. Returns the
+-- hold's parts after the move and the credits moved, or nil and the credits
+-- that could not move (in memory only: the caller refuses without saving).
+local function rehome(rid, amount, deadline, leaving, except)
+  local parts, kept, short, moving = hold_parts(rid, amount), {}, {}, 0
+  for i = 1, #parts, 2 do
+    local b = ctx.bidx[parts[i]]
+    if b and leaving(b) then
+      short[#short + 1], short[#short + 2] = parts[i], parts[i + 1]
+      moving = moving + parts[i + 1]
+    else
+      kept[#kept + 1], kept[#kept + 2] = parts[i], parts[i + 1]
+    end
+  end
+  if moving == 0 then return parts, 0 end
+  unhold(short)
+  local moved = allocate(moving, deadline, except)
+  if not moved then return nil, moving end
+  for i = 1, #moved do kept[#kept + 1] = moved[i] end
+  return kept, moving
+end
+
 -- Ends a hold's claim on its buckets (settle, release, lapse).
 local function release_hold(rid, amount)
   if not bucketed() then

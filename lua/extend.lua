@@ -36,24 +36,13 @@ local ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[11])
 local deadline = ctx.now + ttl
 if r[3] ~= '1' and bucketed() then
   load_buckets()
-  local amount = tonumber(r[4])
-  local parts, kept, short, moving = hold_parts(rid, amount), {}, {}, 0
-  for i = 1, #parts, 2 do
-    local b = ctx.bidx[parts[i]]
-    if b and b[BEXP] ~= 0 and b[BEXP] < deadline then
-      short[#short + 1], short[#short + 2] = parts[i], parts[i + 1]
-      moving = moving + parts[i + 1]
-    else
-      kept[#kept + 1], kept[#kept + 2] = parts[i], parts[i + 1]
-    end
-  end
+  local parts, moving = rehome(rid, tonumber(r[4]), deadline, function(b)
+    return b[BEXP] ~= 0 and b[BEXP] < deadline
+  end)
+  -- Nothing is saved before this point: a refusal changes nothing.
+  if not parts then return {NO_CREDITS, 0, moving, backing(deadline)} end
   if moving > 0 then
-    unhold(short)
-    -- Nothing is saved before this point: a refusal changes nothing.
-    local moved = allocate(moving, deadline)
-    if not moved then return {NO_CREDITS, 0, moving, backing(deadline)} end
-    for i = 1, #moved do kept[#kept + 1] = moved[i] end
-    redis.call('HSET', ctx.acct, 'q.' .. rid, parts_text(kept))
+    redis.call('HSET', ctx.acct, 'q.' .. rid, parts_text(parts))
     save_balances()
   end
 end

@@ -34,22 +34,14 @@ if b[BHELD] > 0 then
   for i = 1, #holds, 2 do
     local rid, deadline = holds[i], tonumber(holds[i + 1])
     local amount = tonumber(redis.call('HGET', ctx.acct, 'r.' .. rid) or '0')
-    local parts, kept, on_bucket = hold_parts(rid, amount), {}, 0
-    for j = 1, #parts, 2 do
-      if parts[j] == id then
-        on_bucket = on_bucket + parts[j + 1]
-      else
-        kept[#kept + 1], kept[#kept + 2] = parts[j], parts[j + 1]
-      end
-    end
-    if on_bucket > 0 then
-      unhold({id, on_bucket})
-      local moved = allocate(on_bucket, deadline, id)
-      -- Nothing is saved before this point: a refusal changes nothing.
-      if not moved then return {NO_CREDITS, 0, on_bucket, backing(deadline, id)} end
-      for j = 1, #moved do kept[#kept + 1] = moved[j] end
+    local parts, moving = rehome(rid, amount, deadline, function(bucket)
+      return bucket[BID] == id
+    end, id)
+    -- Nothing is saved before this point: a refusal changes nothing.
+    if not parts then return {NO_CREDITS, 0, moving, backing(deadline, id)} end
+    if moving > 0 then
       writes[#writes + 1] = 'q.' .. rid
-      writes[#writes + 1] = parts_text(kept)
+      writes[#writes + 1] = parts_text(parts)
     end
   end
   if #writes > 0 then redis.call('HSET', ctx.acct, unpack(writes)) end
