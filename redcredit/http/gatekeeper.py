@@ -19,6 +19,7 @@ from .. import validation as v
 from ..errors import (
     AlreadyApplied,
     BackendUnavailable,
+    CapReached,
     ConfigError,
     IdempotencyConflict,
     InsufficientFunds,
@@ -89,7 +90,7 @@ class Verdict:
     result: SpendResult | None = None
     headers: tuple[tuple[str, str], ...] = ()
     ungated: bool = False
-    refusal: InsufficientFunds | RateLimited | None = None
+    refusal: InsufficientFunds | RateLimited | CapReached | None = None
 
     @property
     def allowed(self) -> bool:
@@ -264,7 +265,7 @@ class Gatekeeper:
             self.stats.conflicts += 1
             self._warn("conflict", "%s refused with 409: %s", what, exc)
             return Verdict(problem=self.problems.conflict(exc))
-        if isinstance(exc, InsufficientFunds | RateLimited):
+        if isinstance(exc, InsufficientFunds | RateLimited | CapReached):
             return self._refused(exc, route, what)
         if isinstance(exc, BackendUnavailable | NotDurable | RedisCommandError):
             # A Redis error no retry mends (a script error, a permission) leaves
@@ -279,13 +280,13 @@ class Gatekeeper:
         return self.problems.invalid(exc)
 
     def _refused(
-        self, refusal: InsufficientFunds | RateLimited, route: Route, what: str
+        self, refusal: InsufficientFunds | RateLimited | CapReached, route: Route, what: str
     ) -> Verdict:
         if route.shadow:
             self.stats.shadow_refusals += 1
             log.info("%s: shadow route let through what it would refuse: %s", what, refusal)
             return Verdict(refusal=refusal)
-        if isinstance(refusal, RateLimited):
+        if isinstance(refusal, RateLimited | CapReached):
             self.stats.rate_limited += 1
         else:
             self.stats.refused += 1
