@@ -89,6 +89,7 @@ class Point:
     note: str = ""
     postgres_cpu: float | None = None
     client_cpu_us_per_call: float | None = None  # this client's CPU time over the calls made
+    redis_script_us_per_call: float | None = None  # INFO commandstats: EVALSHA usec over calls
 
     @property
     def rate(self) -> float:

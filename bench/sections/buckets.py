@@ -1,0 +1,240 @@
+"""What credit buckets cost a call: the same call on accounts set up differently, side by side
+in one run, each against the first setup of its series (a plain account).
+
+A series is one call (a spend; a reserve -> settle cycle) and a list of named account setups.
+Every point gets fresh accounts of its own, one per caller, prepared before the clock starts,
+and is checked after the run: a setup's buckets must all still be there, none run dry. Besides
+the harness's figures, each point records the Redis CPU of one script call from
+``INFO commandstats`` (``EVALSHA``'s usec over its calls, the script alone) and from
+``INFO cpu`` (the whole server: reading, parsing and answering too).
+
+A bucket account carries its grants besides its base bucket, with varied priorities (so the
+array is not already in burn order when granted) and expiries years away; the first in burn
+order has enough credits for every run, so one bucket burns and the others ride along, packed
+and unpacked by every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from redcredit import AsyncRedCredit, Settings
+
+from ..harness import (
+    Call,
+    Config,
+    Point,
+    Results,
+    Servers,
+    async_point,
+    rc_settings,
+    redis_cpu,
+    trim_journals,
+    with_client,
+)
+
+CALLERS = 64
+# Credits of each grant: more than every run of a point can spend (runs x max_ops).
+GRANT_CREDITS = 10**12
+Prepare = Callable[[AsyncRedCredit, str], Awaitable[None]]
+Operation = Callable[[AsyncRedCredit, str], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class AccountSetup:
+    """One kind of account: its name in the results, what is done to a fresh account before
+    the clock starts, how many buckets it then lists, and the settings it needs (over the
+    suite's; a later series, such as scope levels, may need its own)."""
+
+    name: str
+    prepare: Prepare
+    buckets: int
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Series:
+    """One call measured on every setup; ratios are taken against the first setup."""
+
+    name: str
+    operation: Operation
+    scripts_per_call: int
+    setups: tuple[AccountSetup, ...]
+    note: str = ""
+
+    def system(self, setup: AccountSetup) -> str:
+        return f"redcredit {self.name}, {setup.name}"
+
+
+async def _plain(rc: AsyncRedCredit, account: str) -> None:
+    await rc.grant(account, 1)
+
+
+def with_buckets(n: int) -> AccountSetup:
+    """An account with ``n`` grants of its own beside its base bucket."""
+
+    async def prepare(rc: AsyncRedCredit, account: str) -> None:
+        for k in range(n):
+            await rc.grant(
+                account,
+                GRANT_CREDITS,
+                # Spread over 0..99, around the base bucket's default 50, out of order.
+                priority=(k * 37) % 100,
+                category=("promotional", "paid")[k % 2],
+                expires_in=timedelta(days=5 * 365 + 30 * k),
+            )
+
+    return AccountSetup(f"{n} bucket" + ("s" if n > 1 else ""), prepare, n + 1)
+
+
+PLAIN = AccountSetup("plain account", _plain, 0)
+
+
+async def _spend(rc: AsyncRedCredit, account: str) -> None:
+    await rc.spend(account, cost=1)
+
+
+async def _cycle(rc: AsyncRedCredit, account: str) -> None:
+    held = await rc.reserve(account, 10, ttl=60)
+    await rc.settle(held, 5)
+
+
+SERIES = (
+    Series("async spend", _spend, 1, (PLAIN, with_buckets(1), with_buckets(8), with_buckets(32))),
+    Series(
+        "reserve -> settle",
+        _cycle,
+        2,
+        (PLAIN, with_buckets(8)),
+        note="cycles/s; two scripts per cycle",
+    ),
+)
+# The target of the issue: (series, setup) -> lowest calls/s over the series' plain account.
+TARGETS = {("async spend", "8 buckets"): 0.7}
+
+
+def accounts(series: Series, setup: AccountSetup) -> list[str]:
+    tag = f"{series.name}-{setup.name}".replace(" ", "_")
+    return [f"{tag}-{i}" for i in range(CALLERS)]
+
+
+def prepare_accounts(settings: Settings, setup: AccountSetup, names: list[str]) -> None:
+    """Makes the accounts, runs the call's script once on each (so it is loaded) and checks
+    that each lists the setup's buckets."""
+
+    async def go() -> None:
+        async with AsyncRedCredit(settings=settings) as rc:
+            await asyncio.gather(*(setup.prepare(rc, name) for name in names))
+            await asyncio.gather(*(rc.spend(name, cost=1) for name in names))
+
+    asyncio.run(go())
+    check_buckets(settings, setup, names)
+
+
+def check_buckets(settings: Settings, setup: AccountSetup, names: list[str]) -> None:
+    async def go() -> list[int]:
+        async with AsyncRedCredit(settings=settings) as rc:
+            balances = await asyncio.gather(*(rc.balance(name) for name in names))
+        return [sum(1 for b in balance.buckets if b.live) for balance in balances]
+
+    live = asyncio.run(go())
+    # A plain account lists its base bucket, or nothing at all on the plain path.
+    expected = {setup.buckets} if setup.buckets else {0, 1}
+    wrong = [(name, n) for name, n in zip(names, live, strict=True) if n not in expected]
+    if wrong:
+        raise RuntimeError(f"{setup.name}: live buckets {wrong[:3]}, expected {expected}")
+
+
+def script_stats(url: str) -> tuple[int, int]:
+    """Calls and usec of ``EVALSHA`` so far (``INFO commandstats``)."""
+    with redis.Redis.from_url(url) as conn:
+        stats = conn.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+@dataclass
+class Cost:
+    """The Redis CPU of one script call during a point."""
+
+    script_us: float  # commandstats: the script itself
+    server_us: float  # INFO cpu: the whole server
+
+
+def measure_setup(cfg: Config, url: str, series: Series, setup: AccountSetup) -> tuple[Point, Cost]:
+    settings = rc_settings(url, **dict(setup.settings))
+    names = accounts(series, setup)
+    prepare_accounts(settings, setup, names)
+
+    def make(rc: AsyncRedCredit, i: int) -> Call:
+        return lambda: series.operation(rc, names[i])
+
+    calls0, usec0 = script_stats(url)
+    cpu0 = redis_cpu(url)
+    point = async_point(
+        cfg,
+        url,
+        "buckets",
+        series.system(setup),
+        CALLERS,
+        with_client(settings, make),
+        note=series.note,
+    )
+    cpu1 = redis_cpu(url)
+    calls1, usec1 = script_stats(url)
+    check_buckets(settings, setup, names)
+    trim_journals(settings)
+    scripts = max(calls1 - calls0, 1)
+    cost = Cost((usec1 - usec0) / scripts, (cpu1 - cpu0) * 1e6 / scripts)
+    point.redis_script_us_per_call = cost.script_us
+    point.note = ", ".join(
+        s for s in (point.note, f"Redis {cost.script_us:.1f} us per script call") if s
+    )
+    return point, cost
+
+
+def run(cfg: Config, servers: Servers, res: Results) -> None:
+    url = servers.redis_url
+    for series in SERIES:
+        measured = [(setup, *measure_setup(cfg, url, series, setup)) for setup in series.setups]
+        base_setup, base, base_cost = measured[0]
+        for setup, point, cost in measured:
+            res.points.append(point)
+            res.extra[f"buckets: {series.system(setup)}"] = _summary(point, cost)
+            if setup is not base_setup:
+                res.extra[f"buckets: {series.system(setup)}"] += (
+                    f"; over {base_setup.name}: calls/s {point.rate / base.rate:.2f}x, "
+                    f"Redis CPU per script call {cost.script_us / base_cost.script_us:.2f}x "
+                    f"(script), {cost.server_us / base_cost.server_us:.2f}x (server)"
+                )
+
+
+def _summary(point: Point, cost: Cost) -> str:
+    return (
+        f"{point.rate:,.0f} calls/s; Redis CPU per script call {cost.script_us:.1f} us "
+        f"in the script (commandstats), {cost.server_us:.1f} us in the server (INFO cpu)"
+    )
+
+
+def ratios(res: Results) -> list[tuple[str, float | None, str, bool | None]]:
+    """Each setup's calls/s over its series' first setup, at 64 callers: (measure, value,
+    target, met), where met is None for a ratio reported without a target."""
+    rows: list[tuple[str, float | None, str, bool | None]] = []
+    for series in SERIES:
+        base = res.find(series.system(series.setups[0]), CALLERS)
+        for setup in series.setups[1:]:
+            point = res.find(series.system(setup), CALLERS)
+            value = point.rate / base.rate if point and base else None
+            target = TARGETS.get((series.name, setup.name))
+            name = f"{series.name}, {setup.name} / {series.setups[0].name}, {CALLERS} callers"
+            if target is None:
+                rows.append((name, value, "-", None))
+            else:
+                met = value is not None and value >= target
+                rows.append((name, value, f">= {target:g}x", met))
+    return rows
