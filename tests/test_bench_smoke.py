@@ -39,6 +39,9 @@ def test_quick_bench_runs_and_writes_results(tmp_path: Path) -> None:
         assert len(point["rates"]) == 3 and point["rate"] > 0 and point["calls"] > 0
         assert point["p50_ms"] <= point["p99_ms"] <= point["p999_ms"]
         assert point["client_cpu"] > 0 and point["redis_cpu"] is not None
+        assert point["redis_cpu_us_per_call"] > 0
+        # Every point here runs scripts by EVALSHA, so commandstats times them.
+        assert point["redis_script_us_per_call"] > 0
     assert 0 < data["memory"]["idle_account_bytes"] < 10_000
     ratios = {r["measure"]: r for r in data["ratios"]}
     assert ratios["async spend 64 / ceiling pipelined"]["status"] in {"met", "MISSED"}

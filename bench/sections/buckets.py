@@ -3,9 +3,10 @@ in one run, each against the first setup of its series (a plain account).
 
 A series is one call (a spend; a reserve -> settle cycle) and a list of named account setups.
 Every point gets fresh accounts of its own, one per caller, prepared before the clock starts,
-and is checked after the run: a setup's buckets must all still be there, none run dry. Besides
-the harness's figures, each point records the Redis CPU of one script call from
-``INFO commandstats`` (``EVALSHA``'s usec over its calls, the script alone) and from
+and checked after its runs: a setup's buckets must all still be there, none run dry. The points
+of a series take turns, one run each per round, so that a busy machine weighs on them alike.
+Besides the harness's figures, each point gives the Redis CPU of one script call from
+``INFO commandstats`` (``EVALSHA``'s usec over its calls: the script alone) and from
 ``INFO cpu`` (the whole server: reading, parsing and answering too).
 
 A bucket account carries its grants besides its base bucket, with varied priorities (so the
@@ -17,24 +18,24 @@ and unpacked by every call.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-
-import redis
 
 from redcredit import AsyncRedCredit, Settings
 
 from ..harness import (
     Call,
     Config,
+    Load,
     Point,
     Results,
     Servers,
-    async_point,
+    async_run,
+    measure_alternating,
     rc_settings,
-    redis_cpu,
     trim_journals,
     with_client,
 )
@@ -120,18 +121,20 @@ TARGETS = {("async spend", "8 buckets"): 0.7}
 
 
 def accounts(series: Series, setup: AccountSetup) -> list[str]:
-    tag = f"{series.name}-{setup.name}".replace(" ", "_")
+    tag = re.sub("[^a-z0-9]+", "-", f"{series.name} {setup.name}")
     return [f"{tag}-{i}" for i in range(CALLERS)]
 
 
-def prepare_accounts(settings: Settings, setup: AccountSetup, names: list[str]) -> None:
-    """Makes the accounts, runs the call's script once on each (so it is loaded) and checks
-    that each lists the setup's buckets."""
+def prepare_accounts(
+    settings: Settings, series: Series, setup: AccountSetup, names: list[str]
+) -> None:
+    """Makes the accounts, makes the series' call once on each (so its scripts are loaded
+    before any reading) and checks that each lists the setup's buckets."""
 
     async def go() -> None:
         async with AsyncRedCredit(settings=settings) as rc:
             await asyncio.gather(*(setup.prepare(rc, name) for name in names))
-            await asyncio.gather(*(rc.spend(name, cost=1) for name in names))
+            await asyncio.gather(*(series.operation(rc, name) for name in names))
 
     asyncio.run(go())
     check_buckets(settings, setup, names)
@@ -151,74 +154,63 @@ def check_buckets(settings: Settings, setup: AccountSetup, names: list[str]) -> 
         raise RuntimeError(f"{setup.name}: live buckets {wrong[:3]}, expected {expected}")
 
 
-def script_stats(url: str) -> tuple[int, int]:
-    """Calls and usec of ``EVALSHA`` so far (``INFO commandstats``)."""
-    with redis.Redis.from_url(url) as conn:
-        stats = conn.info("commandstats").get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
-
-
-@dataclass
-class Cost:
-    """The Redis CPU of one script call during a point."""
-
-    script_us: float  # commandstats: the script itself
-    server_us: float  # INFO cpu: the whole server
-
-
-def measure_setup(cfg: Config, url: str, series: Series, setup: AccountSetup) -> tuple[Point, Cost]:
+def load(
+    cfg: Config, url: str, series: Series, setup: AccountSetup
+) -> tuple[Load, Callable[[], None]]:
+    """The setup's accounts, made and checked, its load, and the check to run after it."""
     settings = rc_settings(url, **dict(setup.settings))
     names = accounts(series, setup)
-    prepare_accounts(settings, setup, names)
+    prepare_accounts(settings, series, setup, names)
 
     def make(rc: AsyncRedCredit, i: int) -> Call:
         return lambda: series.operation(rc, names[i])
 
-    calls0, usec0 = script_stats(url)
-    cpu0 = redis_cpu(url)
-    point = async_point(
-        cfg,
-        url,
-        "buckets",
-        series.system(setup),
-        CALLERS,
-        with_client(settings, make),
-        note=series.note,
+    run_once = async_run(cfg, with_client(settings, make), CALLERS)
+    return (
+        Load(
+            series.system(setup),
+            CALLERS,
+            run_once,
+            series.note,
+            after=lambda: trim_journals(settings),
+        ),
+        lambda: check_buckets(settings, setup, names),
     )
-    cpu1 = redis_cpu(url)
-    calls1, usec1 = script_stats(url)
-    check_buckets(settings, setup, names)
-    trim_journals(settings)
-    scripts = max(calls1 - calls0, 1)
-    cost = Cost((usec1 - usec0) / scripts, (cpu1 - cpu0) * 1e6 / scripts)
-    point.redis_script_us_per_call = cost.script_us
-    point.note = ", ".join(
-        s for s in (point.note, f"Redis {cost.script_us:.1f} us per script call") if s
-    )
-    return point, cost
 
 
 def run(cfg: Config, servers: Servers, res: Results) -> None:
     url = servers.redis_url
     for series in SERIES:
-        measured = [(setup, *measure_setup(cfg, url, series, setup)) for setup in series.setups]
-        base_setup, base, base_cost = measured[0]
-        for setup, point, cost in measured:
+        loads, checks = zip(
+            *(load(cfg, url, series, setup) for setup in series.setups), strict=True
+        )
+        points = measure_alternating(cfg, url, "buckets", loads)
+        for check in checks:
+            check()
+        base = points[0]
+        for setup, point in zip(series.setups, points, strict=True):
+            script_us = point.redis_script_us_per_call or float("nan")
+            server_us = (point.redis_cpu_us_per_call or float("nan")) / series.scripts_per_call
+            point.note = ", ".join(
+                s for s in (point.note, f"Redis {script_us:.1f} us per script call") if s
+            )
             res.points.append(point)
-            res.extra[f"buckets: {series.system(setup)}"] = _summary(point, cost)
-            if setup is not base_setup:
-                res.extra[f"buckets: {series.system(setup)}"] += (
-                    f"; over {base_setup.name}: calls/s {point.rate / base.rate:.2f}x, "
-                    f"Redis CPU per script call {cost.script_us / base_cost.script_us:.2f}x "
-                    f"(script), {cost.server_us / base_cost.server_us:.2f}x (server)"
+            summary = (
+                f"{point.rate:,.0f} calls/s; Redis CPU per script call {script_us:.1f} us "
+                f"in the script (commandstats), {server_us:.1f} us in the server (INFO cpu)"
+            )
+            if point is not base:
+                summary += (
+                    f"; over {series.setups[0].name}: calls/s {point.rate / base.rate:.2f}x, "
+                    f"Redis CPU per script call {_over(point, base, 'redis_script_us_per_call')} "
+                    f"(script), {_over(point, base, 'redis_cpu_us_per_call')} (server)"
                 )
+            res.extra[f"buckets: {series.system(setup)}"] = summary
 
 
-def _summary(point: Point, cost: Cost) -> str:
-    return (
-        f"{point.rate:,.0f} calls/s; Redis CPU per script call {cost.script_us:.1f} us "
-        f"in the script (commandstats), {cost.server_us:.1f} us in the server (INFO cpu)"
-    )
+def _over(point: Point, base: Point, attribute: str) -> str:
+    num, den = getattr(point, attribute), getattr(base, attribute)
+    return f"{num / den:.2f}x" if num is not None and den else "-"
 
 
 def ratios(res: Results) -> list[tuple[str, float | None, str, bool | None]]:
