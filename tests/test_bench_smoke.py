@@ -112,6 +112,7 @@ def test_quick_buckets_section_compares_bucket_accounts_with_plain_ones(tmp_path
     assert ratios["reserve -> settle, 8 buckets / plain account, 64 callers"]["value"] > 0
     summary = data["extra"]["buckets: redcredit async spend, 8 buckets"]
     assert "us in the script (commandstats)" in summary and "over plain account" in summary
+    assert data["extra"]["buckets: load average (1 min), before and after"].count(",") == 1
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,6 +18,7 @@ and unpacked by every call.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -180,6 +181,8 @@ def load(
 
 def run(cfg: Config, servers: Servers, res: Results) -> None:
     url = servers.redis_url
+    # Client and Redis share the cores with whatever else runs: the ratios need to say how busy.
+    before = os.getloadavg()[0]
     for series in SERIES:
         loads, checks = zip(
             *(load(cfg, url, series, setup) for setup in series.setups), strict=True
@@ -206,6 +209,9 @@ def run(cfg: Config, servers: Servers, res: Results) -> None:
                     f"(script), {_over(point, base, 'redis_cpu_us_per_call')} (server)"
                 )
             res.extra[f"buckets: {series.system(setup)}"] = summary
+    res.extra["buckets: load average (1 min), before and after"] = (
+        f"{before:.2f}, {os.getloadavg()[0]:.2f}"
+    )
 
 
 def _over(point: Point, base: Point, attribute: str) -> str:
