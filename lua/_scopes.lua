@@ -208,6 +208,12 @@ end
 -- What the path can pay now: every level's free credits, then the
 -- overdrafts (MAX_AMOUNT past a bypassing level), and the chat messages.
 local function path_funds(levels)
+  -- Alone, an account below zero (an overdraft its plan no longer has) can
+  -- pay nothing, not even a call of no cost, and says by how much it is short.
+  if #levels == 1 then
+    if ctx.bypass then return MAX_AMOUNT, MAX_AMOUNT end
+    return ctx.credits - ctx.held + ctx.overdraft, ctx.chat
+  end
   local credits, messages = 0, 0
   for _, level in ipairs(levels) do
     if level.bypass then return MAX_AMOUNT, MAX_AMOUNT end
@@ -317,6 +323,11 @@ local function split_hold(levels, amount, deadline)
     parts[i], need = parts[i] + n, need - n
   end
   if need > 0 then
+    -- Alone, an account says what backs a hold until then, below zero too.
+    if #levels == 1 then
+      if bucketed() then return nil, backing(deadline) end
+      return nil, available() + ctx.overdraft
+    end
     local total = 0
     for i = 1, #levels do total = total + parts[i] end
     return nil, total

@@ -81,7 +81,7 @@ if not release then
   outcome, state = SETTLED, 's'
   if lapsed then outcome, state = LATE, 'l' end
   local funds = path_funds(levels)
-  charged = math.min(actual, funds)
+  charged = math.max(math.min(actual, funds), 0)
   each_level(levels, function()
     charged = math.min(charged, (cap_room()))
     return nil
