@@ -30,6 +30,7 @@ from ..errors import (
     RedisCommandError,
 )
 from ..results import Reservation, SpendResult
+from ..scopes import Scope as AccountScope
 from .breaker import CircuitBreaker, within_deadline
 from .problems import Problem, Problems, credit_headers, ratelimit_headers
 from .routes import Route
@@ -167,7 +168,7 @@ class Gatekeeper:
     async def spend(
         self,
         route: Route,
-        account: str,
+        account: str | AccountScope,
         *,
         cost: int | None,
         idempotency_key: str | None = None,
@@ -211,7 +212,7 @@ class Gatekeeper:
     async def reserve(
         self,
         route: Route,
-        account: str,
+        account: str | AccountScope,
         *,
         amount: int,
         ttl: timedelta,
@@ -314,9 +315,19 @@ class Gatekeeper:
         log.warning(message, *args)
 
 
-def _what(route: Route, account: str) -> str:
+def _what(route: Route, account: str | AccountScope) -> str:
     """How log lines name one request."""
     return f"{route.describe()} for {account!r}"
+
+
+def payer(identified: object) -> str | AccountScope:
+    """What ``identify`` named: an account id (checked), or the ``Scope`` of a tree's member.
+
+    Checked before the account is named in a log line: a header can hold anything.
+    """
+    if isinstance(identified, AccountScope):
+        return identified
+    return v.check_account_id(identified)
 
 
 class KeptGate:
