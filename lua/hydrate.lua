@@ -28,7 +28,7 @@
 -- Returns {0, 0, inserted (0/1)}.
 
 -- Only the stub a tree's member keeps here (field R) may be there already.
-if redis.call('HEXISTS', ctx.acct, 'c') == 1 then return {OK, 0, 0} end
+if redis.call('HGET', ctx.acct, 'c') then return {OK, 0, 0} end
 ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[9]), tonumber(ARGV[10]), 0, ARGV[11]
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
   's', ARGV[12])

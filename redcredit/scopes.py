@@ -44,12 +44,10 @@ class Scope:
 
     @classmethod
     def of(cls, target: object) -> Scope:
-        """A scope from an account id or a scope (anything else is refused)."""
+        """A scope from a Scope, or from an account id (anything else is refused as one)."""
         if isinstance(target, Scope):
             return target
-        if isinstance(target, str):
-            return cls(target)
-        raise InvalidInput(f"an account is an id (str) or a Scope, not {type(target).__name__}")
+        return cls(v.check_account_id(target))
 
     @property
     def account(self) -> str:

@@ -28,7 +28,9 @@ class TreeOperations(EngineBase):
 
         Its own partition is marked first (``join.lua``), so that the account
         can no longer be opened alone; then it is created in the root's
-        partition, opening like any new account. Attaching again is harmless.
+        partition, on the default plan and with no credits or chat messages of
+        its own (not the free tier's): its ancestors pay for it until it is
+        granted some. Attaching again is harmless.
         """
         if not isinstance(scope, Scope) or scope.depth < 2:
             raise InvalidInput(
@@ -65,11 +67,9 @@ class TreeOperations(EngineBase):
             target,
             idempotency_key,
             f"attach:{'/'.join(scope.path)}",
-            [
-                self._opening_credits(snapshot.credits, snapshot.plan),
-                v.check_amount(snapshot.chat_messages, name="chat_messages"),
-                v.check_plan_name(snapshot.plan),
-            ],
+            # A member opens empty, whatever the free tier: its ancestors pay for
+            # it until it is granted credits of its own.
+            [0, 0, v.check_plan_name(snapshot.plan)],
         )
         parse = partial(_attached, account=account, path=scope.path)
         return (yield from self._run_parsed(call, target, parse))
