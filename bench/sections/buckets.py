@@ -1,13 +1,16 @@
 """What credit buckets cost a call: the same call on accounts set up differently, side by side
 in one run, each against the first setup of its series (a plain account).
 
-A series is one call (a spend; a reserve -> settle cycle) and a list of named account setups.
+A series is one call (a spend; a reserve -> settle cycle) and a list of named account setups;
+another comparison (scope levels, say) is one more entry of ``SERIES``, with setups of its own
+and the settings they need.
 Every point gets fresh accounts of its own, one per caller, prepared before the clock starts,
 and checked after its runs: a setup's buckets must all still be there, none run dry. The points
 of a series take turns, one run each per round, so that a busy machine weighs on them alike.
 Besides the harness's figures, each point gives the Redis CPU of one script call from
-``INFO commandstats`` (``EVALSHA``'s usec over its calls: the script alone) and from
-``INFO cpu`` (the whole server: reading, parsing and answering too).
+``INFO commandstats`` (``EVALSHA``'s usec over its calls: the script alone, timed by the wall
+clock, so a busy machine inflates it) and from ``INFO cpu`` (the whole server's CPU time:
+reading, parsing and answering too).
 
 A bucket account carries its grants besides its base bucket, with varied priorities (so the
 array is not already in burn order when granted) and expiries years away; the first in burn
