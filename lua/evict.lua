@@ -8,7 +8,7 @@
 -- ARGV[3]     PostgreSQL's credits
 -- ARGV[4]     PostgreSQL's chat messages
 --
--- Returns 1 when evicted; 0 when absent; 2 when it has holds (even lapsed
+-- Returns 1 when evicted; 0 when absent (or a tree member's stub); 2 when it has holds (even lapsed
 -- ones: their lapse is still to be journaled); 3 when Redis and PostgreSQL
 -- differ: entries not in PostgreSQL yet, or a history that forked from
 -- PostgreSQL's (reloading it would drop the fork's change); 4 when it was
@@ -19,6 +19,8 @@ local idle = redis.call('OBJECT', 'IDLETIME', KEYS[1])
 if not idle then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 local v = redis.call('HMGET', KEYS[1], 'h', 's', 'c', 'm')
+-- The stub a tree's member leaves in its own partition holds no balances.
+if not v[3] then return 0 end
 if tonumber(v[1]) ~= 0 then return 2 end
 for i = 2, 4 do
   if tonumber(v[i]) ~= tonumber(ARGV[i]) then return 3 end

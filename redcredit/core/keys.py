@@ -93,6 +93,19 @@ class KeySpace:
         # The tag holds only digits, so the first "}:a:" ends it.
         return name[name.index("}:a:", len(self.prefix)) + 4 :]
 
+    def is_account_hash(self, key: bytes | str, account: str) -> bool:
+        """True when ``key`` is the hash of ``account`` in some partition: its own, or
+        its tree's root's (a member's hash, or the stub left in its own partition)."""
+        name = key.decode() if isinstance(key, bytes) else key
+        tag = name[: name.index("}", len(self.prefix)) + 1]
+        return name == f"{tag}:a:{account}" and tag[len(self.prefix) + 2 : -1].isdigit()
+
+    def holds_of(self, hash_key: bytes | str) -> str:
+        """The holds set beside an account hash, in the same partition."""
+        name = hash_key.decode() if isinstance(hash_key, bytes) else hash_key
+        at = name.index("}:a:", len(self.prefix))
+        return f"{name[:at]}}}:h:{name[at + 4 :]}"
+
     def for_account(self, account: str, root: str | None = None) -> AccountKeys:
         """The keys of an account; a tree's member's carry its root's tag."""
         tag = self.tag(self.partition(account if root is None else root))

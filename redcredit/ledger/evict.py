@@ -24,7 +24,7 @@ from ..backends.topology import Topology
 from ..config import Settings
 from ..core.keys import KeySpace
 from ..core.scripts import load_scripts
-from .reconcile import scan_accounts
+from .reconcile import scan_account_hashes
 
 __all__ = ["EvictionReport", "evict_idle"]
 
@@ -66,25 +66,24 @@ def _evict_idle(
     script = load_scripts()["evict"]
     idle_ms = int(idle.total_seconds() * 1000)
     report = EvictionReport()
-    pending: list[str] = []
+    pending: list[tuple[str, str]] = []
 
     def flush() -> None:
         with postgres_errors_translated("read from PostgreSQL which accounts it holds in full"):
-            synced = account_states(conn, settings.pg_schema, pending)
+            synced = account_states(conn, settings.pg_schema, [a for a, _ in pending])
         calls = []
-        for account in pending:
-            account_keys = keys.for_account(account)
+        for account, key in pending:
             # Unknown to PostgreSQL: -1 keeps it (sequence numbers start at 1).
             credits, chat, _plan, last_seq = synced.get(account, (-1, -1, "", -1))
             args = [idle_ms, last_seq, credits, chat]
-            calls.append(([account_keys.hash, account_keys.holds], args))
+            calls.append(([key, keys.holds_of(key)], args))
         results = run_scripts(topology, script, calls)
         report.outcomes.update(_REASONS[int(r)] for r in results)
         report.scanned += len(pending)
         pending.clear()
 
-    for account in scan_accounts(topology, keys):
-        pending.append(account)
+    for found in scan_account_hashes(topology, keys):
+        pending.append(found)
         if len(pending) >= batch:
             flush()
     if pending:

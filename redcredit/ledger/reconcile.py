@@ -40,7 +40,7 @@ from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
 from .divergence import Fork
 
-__all__ = ["Drift", "ReconcileReport", "reconcile", "scan_accounts"]
+__all__ = ["Drift", "ReconcileReport", "reconcile", "scan_account_hashes", "scan_accounts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +88,17 @@ def _reconcile(
     keys = KeySpace(settings.versioned_prefix, settings.partitions)
     report = ReconcileReport()
     with postgres_errors_translated("compare Redis with PostgreSQL"):
-        accounts = account_ids(conn, settings.pg_schema) | set(scan_accounts(topology, keys))
+        homes: dict[str, set[str]] = {}
+        for account, key in scan_account_hashes(topology, keys):
+            homes.setdefault(account, set()).add(key)
+        accounts = account_ids(conn, settings.pg_schema) | set(homes)
         if sample is not None and sample < len(accounts):
             accounts = set(random.sample(sorted(accounts), sample))
         report.accounts = len(accounts)
         todo = accounts
         for attempt in range(rechecks + 1):
             final = attempt == rechecks
-            moving = _check(settings, topology, conn, keys, todo, report, final=final)
+            moving = _check(settings, topology, conn, keys, homes, todo, report, final=final)
             if not moving:
                 break
             todo = moving
@@ -110,6 +113,7 @@ def _check(
     topology: Topology,
     conn: psycopg.Connection[Any],
     keys: KeySpace,
+    homes: dict[str, set[str]],
     accounts: set[str],
     report: ReconcileReport,
     *,
@@ -128,7 +132,7 @@ def _check(
     report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live = _redis_states(topology, keys, ordered)
+    live = _redis_states(topology, keys, ordered, homes)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -206,6 +210,18 @@ def scan_accounts(source: Topology | redis.Redis, keys: KeySpace) -> Iterator[st
     of ``}:a:victim`` read as ``victim``'s hash): only a name that is the
     hash of the id read from it counts.
     """
+    for account, _key in scan_account_hashes(source, keys):
+        yield account
+
+
+def scan_account_hashes(
+    source: Topology | redis.Redis, keys: KeySpace
+) -> Iterator[tuple[str, str]]:
+    """Every account hash Redis holds, with its account (see :func:`scan_accounts`).
+
+    A tree's member has its hash in its root's partition and a stub (no
+    balances) in its own: both come.
+    """
     if isinstance(source, Topology):
         nodes = [source.client(node) for node in primaries(source)]
     else:
@@ -214,8 +230,8 @@ def scan_accounts(source: Topology | redis.Redis, keys: KeySpace) -> Iterator[st
         with redis_errors_translated():
             for key in client.scan_iter(match=keys.account_pattern(), count=1000):
                 account = keys.account_from_key(key)
-                if keys.for_account(account).hash == text(key):
-                    yield account
+                if keys.is_account_hash(key, account):
+                    yield account, text(key)
 
 
 def _journal(
@@ -234,14 +250,16 @@ def _journal(
 
 
 def _redis_states(
-    topology: Topology, keys: KeySpace, accounts: list[str]
+    topology: Topology, keys: KeySpace, accounts: list[str], homes: dict[str, set[str]]
 ) -> dict[str, AccountState]:
-    reads = []
+    reads, read_for = [], []
     for account in accounts:
-        key = keys.for_account(account).hash
-        reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s"))
+        # A tree's member: its hash in its root's partition, a stub in its own.
+        for key in sorted(homes.get(account) or {keys.for_account(account).hash}):
+            reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s"))
+            read_for.append(account)
     states = {}
-    for account, values in zip(accounts, run_commands(topology, reads).checked(), strict=True):
+    for account, values in zip(read_for, run_commands(topology, reads).checked(), strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))
