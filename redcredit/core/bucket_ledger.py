@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgpack
+
 from .journal import BASE_BUCKET, BucketChange, JournalEntry
 from .loader import BucketSnapshot
 
-__all__ = ["BucketRow", "fold_entry", "open_snapshots"]
+__all__ = ["BucketRow", "fold_entry", "open_snapshots", "unpack_buckets"]
 
 
 @dataclass(slots=True)
@@ -144,3 +146,34 @@ def _rebased(
 def open_snapshots(rows: dict[str, BucketRow]) -> dict[str, BucketSnapshot]:
     """The buckets Redis holds for these rows: every one not closed."""
     return {bucket: row.snapshot(bucket) for bucket, row in rows.items() if row.status != "closed"}
+
+
+def unpack_buckets(packed: bytes | None) -> dict[str, BucketSnapshot]:
+    """The buckets of an account hash's field B (see lua/_buckets.lua), base bucket left out.
+
+    Without the field the account has its base bucket only. A bucket with
+    nothing left, kept while a hold still names it, is left out too: the
+    system of record closes it.
+    """
+    if not packed:
+        return {}
+    found = {}
+    for raw in msgpack.unpackb(packed, raw=False):
+        # {id, remaining, held, priority, category, effective, expires, created, granted, live}
+        bucket, remaining, _held, priority, category, effective, expires, created, granted, live = (
+            raw
+        )
+        if bucket == BASE_BUCKET or remaining == 0:
+            continue
+        found[bucket] = BucketSnapshot(
+            id=bucket,
+            category=category,
+            priority=int(priority),
+            remaining=int(remaining),
+            granted=int(granted),
+            effective_ms=int(effective),
+            expires_ms=int(expires),
+            created_ms=int(created),
+            pending=int(live) == 0,
+        )
+    return found

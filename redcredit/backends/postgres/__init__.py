@@ -4,8 +4,8 @@ Each statement sits in a small function taking a psycopg connection (and the
 schema); callers own the connection and its transaction. The schema itself
 is made by the plain-SQL files in ``migrations/``, which
 :mod:`redcredit.backends.migrate` runs through the functions here. The
-statements are grouped by who runs them: the syncer (:mod:`.ledger`), the
-readers (:mod:`.reads`) and the migrations and embedded server
+statements are grouped by who runs them: the syncer (:mod:`.ledger`, :mod:`.buckets`),
+the readers (:mod:`.reads`) and the migrations and embedded server
 (:mod:`.admin`); this package exports them all.
 """
 
@@ -19,6 +19,7 @@ from .admin import (
     ping,
     prepare_migrations,
 )
+from .buckets import bucket_remaining, bucket_rows, ledger_bucket_sums
 from .common import fence_for_apply, postgres_errors_translated
 from .ledger import (
     ForkRow,
@@ -57,11 +58,14 @@ __all__ = [
     "applied_migrations",
     "apply_entries",
     "apply_migration",
+    "bucket_remaining",
+    "bucket_rows",
     "create_database",
     "fence_for_apply",
     "fork_entries",
     "forks_of",
     "history_since",
+    "ledger_bucket_sums",
     "ledger_ids",
     "ledger_of",
     "ledger_size",
