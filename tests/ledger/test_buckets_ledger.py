@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import redis
 
-from redcredit import PlanSettings, RedCredit, RefillSettings, Settings
+from redcredit import AsyncRedCredit, PlanSettings, RedCredit, RefillSettings, Settings
 from redcredit.backends.migrate import migrate, migrations
 from redcredit.backends.postgres import (
     apply_entries,
@@ -224,6 +224,29 @@ def test_an_evicted_account_comes_back_with_exactly_its_buckets(
         assert (later["next"].live, later["next"].remaining) == (True, 90)
         assert syncer.drain().caught_up
         assert_buckets_persisted(rc, settings, pg, ["cold"])
+
+
+async def test_the_async_loader_restores_the_buckets_too(
+    bsettings: Settings, pg: psycopg.Connection[Any]
+) -> None:
+    settings = bsettings
+    with RedCredit(settings=settings) as rc, Syncer(settings) as syncer:
+        rc.grant("cold-async", 60, grant_id="trial", category="free", expires_in=86_400)
+        rc.grant(
+            "cold-async", 80, grant_id="soon", effective_at=datetime.now(UTC) + timedelta(days=1)
+        )
+        rc.spend("cold-async", cost=25)
+        before = rc.balance("cold-async")
+        assert syncer.drain().caught_up
+        assert evict_idle(settings, None, pg, idle=timedelta(0)).outcomes["evicted"] == 1
+    async with AsyncRedCredit(settings=settings) as arc:
+        after = await arc.balance("cold-async")
+    assert dataclasses.replace(after, server_time_ms=before.server_time_ms) == before
+    assert [(b.id, b.remaining, b.live) for b in after.buckets] == [
+        ("trial", 35, True),
+        ("base", 0, True),
+        ("soon", 80, False),
+    ]
 
 
 def test_reconcile_names_a_tampered_bucket(
