@@ -30,7 +30,7 @@ from redcredit.backends.postgres import (
     read_snapshot,
 )
 from redcredit.core.bucket_ledger import open_snapshots, unpack_buckets
-from redcredit.core.loader import AccountSnapshot
+from redcredit.core.loader import AccountSnapshot, BucketSnapshot
 from redcredit.ledger.evict import evict_idle
 from redcredit.ledger.reconcile import reconcile
 from redcredit.ledger.syncer import Syncer
@@ -247,6 +247,38 @@ async def test_the_async_loader_restores_the_buckets_too(
         ("base", 0, True),
         ("soon", 80, False),
     ]
+
+
+class _LegacyLoader:
+    """An application's own loader: an account of an older system, with a grant of its own."""
+
+    def load(self, account: str) -> AccountSnapshot:
+        promo = BucketSnapshot(
+            id="legacy-promo",
+            category="promotional",
+            priority=50,
+            remaining=50,
+            granted=80,
+            effective_ms=1_000,
+            expires_ms=0,
+            created_ms=1_000,
+        )
+        return AccountSnapshot(credits=150, chat_messages=0, plan="free", buckets=(promo,))
+
+
+def test_an_account_opened_with_buckets_journals_them(
+    bsettings: Settings, pg: psycopg.Connection[Any]
+) -> None:
+    settings = bsettings
+    with RedCredit(settings=settings, loader=_LegacyLoader()) as rc, Syncer(settings) as syncer:
+        assert rc.spend("migrated", cost=10).credits_remaining == 140
+        assert syncer.drain().caught_up
+        assert_buckets_persisted(rc, settings, pg, ["migrated"])
+    assert _statuses(pg, settings, "migrated") == {"legacy-promo": ("live", 40)}
+    (opened,) = _rows(
+        pg, settings, "SELECT bucket_changes FROM {s}.ledger WHERE account = 'migrated' AND seq = 1"
+    )
+    assert opened == ([{"bucket": "legacy-promo", "delta": 50, "after": 50}],)
 
 
 def test_reconcile_names_a_tampered_bucket(
