@@ -17,6 +17,7 @@ pipeline per node.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -248,10 +249,13 @@ def _bucket_problems(
                 "but not in Redis"
             )
         elif theirs != ours and theirs is not None and ours is not None:
-            problems.append(
-                f"bucket {bucket!r}: Redis holds it {_describe(theirs)}; PostgreSQL and the "
-                f"journal, {_describe(ours)}"
-            )
+            differ = [
+                f"{f.name} {getattr(theirs, f.name)} in Redis, {getattr(ours, f.name)} in "
+                "PostgreSQL and the journal"
+                for f in dataclasses.fields(BucketSnapshot)
+                if getattr(theirs, f.name) != getattr(ours, f.name)
+            ]
+            problems.append(f"bucket {bucket!r} differs: {'; '.join(differ)}")
     return problems
 
 

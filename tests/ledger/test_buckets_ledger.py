@@ -37,6 +37,7 @@ from redcredit.ledger.syncer import Syncer
 from redcredit.servers.redis import EmbeddedRedis
 from tests.grants.conftest import WHERE, make_settings
 from tests.ledger.test_divergence import _fork
+from tests.ledger.test_reconcile_evict import _cli
 from tests.support.helpers import assert_persisted_exactly
 
 DAY_MS = 86_400_000
@@ -304,13 +305,17 @@ def test_reconcile_names_a_tampered_bucket(
     report = reconcile(settings, None, pg, rechecks=0)
     problems = sorted(d.problem for d in report.drift if d.account == "tamper")
     assert len(problems) == 4, problems
-    assert problems[0].startswith("bucket 'gift': Redis holds it live, 40 left of 40")
-    assert "PostgreSQL and the journal, live, 47 left of 40" in problems[0]
+    assert problems[0] == (
+        "bucket 'gift' differs: remaining 40 in Redis, 47 in PostgreSQL and the journal"
+    )
     assert problems[1].startswith("bucket 'promo' is in Redis (live, 45 left of 60")
     assert problems[2:] == [
         "ledger's changes of bucket 'gift' sum to 40, its buckets row holds 47 remaining",
         "ledger's changes of bucket 'promo' sum to 45, its buckets row holds 0 remaining",
     ]
+    done = _cli(settings, "reconcile")
+    assert done.returncode == 1
+    assert "DRIFT 'tamper': bucket 'gift' differs" in done.stdout
 
 
 def test_a_batch_delivered_again_changes_the_buckets_once(

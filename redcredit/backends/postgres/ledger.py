@@ -75,20 +75,25 @@ def apply_entries(
             "RETURNING i.account, i.seq"
         ).format(schema_id)
     ).fetchall()
-    inserted = conn.execute(
-        sql.SQL(
-            "INSERT INTO {schema}.ledger ({columns}) "
-            "SELECT {columns} FROM redcredit_incoming "
-            "ON CONFLICT (account, seq) DO NOTHING RETURNING account, seq"
-        ).format(schema=schema_id, columns=columns)
-    ).fetchall()
-    fresh = set(map(tuple, inserted))
-    touching: dict[tuple[str, int], JournalEntry] = {}
-    for entry in entries:
-        if entry.position in fresh and entry.touches_buckets:
-            touching.setdefault(entry.position, entry)
-    if touching:
-        apply_bucket_entries(conn, schema, list(touching.values()))
+    insert = sql.SQL(
+        "INSERT INTO {schema}.ledger ({columns}) "
+        "SELECT {columns} FROM redcredit_incoming "
+        "ON CONFLICT (account, seq) DO NOTHING"
+    ).format(schema=schema_id, columns=columns)
+    bucketed = [entry for entry in entries if entry.touches_buckets]
+    if not bucketed:
+        # Most batches: no row to send back.
+        conn.execute(insert)
+    else:
+        # Only the entries that made a new row change the buckets.
+        returning = sql.SQL("{} RETURNING account, seq").format(insert)
+        fresh = {(account, seq) for account, seq in conn.execute(returning)}
+        touching: dict[tuple[str, int], JournalEntry] = {}
+        for entry in bucketed:
+            if entry.position in fresh:
+                touching.setdefault(entry.position, entry)
+        if touching:
+            apply_bucket_entries(conn, schema, list(touching.values()))
     # Newest entry per account; sorted so concurrent syncers lock rows in the
     # same order and cannot deadlock.
     conn.execute(
