@@ -28,6 +28,8 @@ only, and bounds every load both in time (``--seconds`` per run) and in count
             fixed window at 64) against the same Redis.
 ``reserve`` a reserve -> settle cycle (two scripts), 64 callers, one account each.
 ``chat``    ``chat_turn`` with two rate limits configured (large, so none refuses).
+``buckets`` async spend at 64 callers, plain and with 1, 8, 32 credit buckets (reserve -> settle:
+            plain, 8), same run: calls/s over plain, Redis CPU per script call (commandstats).
 ``spread``  ``AsyncRedCredit.spend`` at 64 callers over 10k accounts (vs one hot one).
 ``syncer``  the syncer's drain rate into PostgreSQL, and the lag it reaches while
             spends run (the logic of ``bench/write_behind.py``).

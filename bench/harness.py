@@ -89,6 +89,8 @@ class Point:
     note: str = ""
     postgres_cpu: float | None = None
     client_cpu_us_per_call: float | None = None  # this client's CPU time over the calls made
+    redis_script_us_per_call: float | None = None  # INFO commandstats: EVALSHA usec per EVALSHA
+    redis_cpu_us_per_call: float | None = None  # INFO cpu: Redis CPU time over the calls made
 
     @property
     def rate(self) -> float:
@@ -189,6 +191,71 @@ async def drive_setup(
         await cleanup()
 
 
+def script_stats(urls: Sequence[str]) -> tuple[int, int]:
+    """Calls and usec of ``EVALSHA`` so far (``INFO commandstats``), summed over servers."""
+    calls = usec = 0
+    for url in urls:
+        with redis.Redis.from_url(url) as conn:
+            stats = conn.info("commandstats").get("cmdstat_evalsha", {})
+        calls += int(stats.get("calls", 0))
+        usec += int(stats.get("usec", 0))
+    return calls, usec
+
+
+@dataclass
+class Tally:
+    """What the runs of one point add up to, read around each run."""
+
+    servers: Sequence[str]
+    rates: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    wall: float = 0.0
+    rcpu: float = 0.0
+    pcpu: float = 0.0
+    calls: int = 0
+    script_calls: int = 0
+    script_usec: int = 0
+
+    def run(self, run_once: RunOnce) -> None:
+        r0, p0, (n0, u0) = redis_cpu_of(self.servers), pg_cpu(), script_stats(self.servers)
+        done, elapsed, lat, cpu_s = run_once()
+        self.rcpu += redis_cpu_of(self.servers) - r0
+        p1 = pg_cpu()
+        self.pcpu += (p1 - p0) if p0 is not None and p1 is not None else 0.0
+        n1, u1 = script_stats(self.servers)
+        self.script_calls += n1 - n0
+        self.script_usec += u1 - u0
+        self.rates.append(done / elapsed)
+        self.latencies += lat
+        self.cpu += cpu_s
+        self.wall += elapsed
+        self.calls += done
+
+    def point(self, section: str, system: str, callers: int, note: str) -> Point:
+        self.latencies.sort()
+        calls = self.calls
+        point = Point(
+            section,
+            system,
+            callers,
+            self.rates,
+            percentile_ms(self.latencies, 0.5),
+            percentile_ms(self.latencies, 0.99),
+            percentile_ms(self.latencies, 0.999),
+            self.cpu / self.wall,
+            self.rcpu / self.wall,
+            calls,
+            note,
+            self.pcpu / self.wall if section == "db" else None,
+            self.cpu / calls * 1e6 if calls else None,
+            self.script_usec / self.script_calls if self.script_calls else None,
+            self.rcpu / calls * 1e6 if calls else None,
+        )
+        print(f"  {system:<34} {callers:>4}  {point.rate:>10,.0f}/s  p99 {point.p99_ms:6.2f} ms")
+        return point
+
+
 def measure(
     cfg: Config,
     redis_url: str,
@@ -203,40 +270,39 @@ def measure(
 
     Redis CPU is that of ``redis_url``, or the sum over ``redis_urls`` (a cluster's nodes).
     """
-    servers = list(redis_urls) or [redis_url]
-    rates: list[float] = []
-    latencies: list[float] = []
-    cpu = wall = rcpu = pcpu = 0.0
-    calls = 0
+    tally = Tally(list(redis_urls) or [redis_url])
     for _ in range(cfg.runs):
-        r0, p0 = redis_cpu_of(servers), pg_cpu()
-        done, elapsed, lat, cpu_s = run_once()
-        rcpu += redis_cpu_of(servers) - r0
-        p1 = pg_cpu()
-        pcpu += (p1 - p0) if p0 is not None and p1 is not None else 0.0
-        rates.append(done / elapsed)
-        latencies += lat
-        cpu += cpu_s
-        wall += elapsed
-        calls += done
-    latencies.sort()
-    point = Point(
-        section,
-        system,
-        callers,
-        rates,
-        percentile_ms(latencies, 0.5),
-        percentile_ms(latencies, 0.99),
-        percentile_ms(latencies, 0.999),
-        cpu / wall,
-        rcpu / wall,
-        calls,
-        note,
-        pcpu / wall if section == "db" else None,
-        cpu / calls * 1e6 if calls else None,
-    )
-    print(f"  {system:<34} {callers:>4}  {point.rate:>10,.0f}/s  p99 {point.p99_ms:6.2f} ms")
-    return point
+        tally.run(run_once)
+    return tally.point(section, system, callers, note)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One point of a side-by-side comparison; ``after`` runs after each of its runs, outside
+    the readings (dropping the journal it wrote, say)."""
+
+    system: str
+    callers: int
+    run_once: RunOnce
+    note: str = ""
+    after: Callable[[], None] | None = None
+
+
+def measure_alternating(
+    cfg: Config, redis_url: str, section: str, loads: Sequence[Load]
+) -> list[Point]:
+    """Like ``measure`` for each load, but the loads take turns, one run each per round, so
+    that whatever else the machine runs meanwhile weighs on all of them alike."""
+    tallies = [Tally([redis_url]) for _ in loads]
+    for _ in range(cfg.runs):
+        for load, tally in zip(loads, tallies, strict=True):
+            tally.run(load.run_once)
+            if load.after is not None:
+                load.after()
+    return [
+        tally.point(section, load.system, load.callers, load.note)
+        for load, tally in zip(loads, tallies, strict=True)
+    ]
 
 
 def async_point(
@@ -255,11 +321,17 @@ def async_point(
     ``callers`` is what the report shows (calls in flight); ``workers`` how many
     coroutines run (fewer than ``callers`` when each sends a pipelined batch).
     """
+    run_once = async_run(cfg, setup, workers or callers)
+    return measure(cfg, redis_url, section, system, callers, run_once, note, redis_urls)
+
+
+def async_run(cfg: Config, setup: Setup, workers: int) -> RunOnce:
+    """One run of an asyncio load in this process, on a fresh event loop."""
 
     def run_once() -> tuple[int, float, list[float], float]:
-        return asyncio.run(drive_setup(setup, workers or callers, cfg.seconds, cfg.max_ops))
+        return asyncio.run(drive_setup(setup, workers, cfg.seconds, cfg.max_ops))
 
-    return measure(cfg, redis_url, section, system, callers, run_once, note, redis_urls)
+    return run_once
 
 
 # --- loads ----------------------------------------------------------------------------------

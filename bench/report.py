@@ -15,7 +15,7 @@ import psycopg
 import redis
 
 from .harness import Point, Results
-from .sections import cluster
+from .sections import buckets, cluster
 
 
 def machine_info(redis_url: str, pg_url: str | None) -> dict[str, Any]:
@@ -100,6 +100,7 @@ def ratios(res: Results) -> list[dict[str, Any]]:
                 cpu is not None and cpu <= 1.3,
             )
         )
+    out.extend(ratio_row(*row) for row in buckets.ratios(res))
     idle = res.memory.get("idle_account_bytes")
     out.append(
         ratio_row(
@@ -109,8 +110,14 @@ def ratios(res: Results) -> list[dict[str, Any]]:
     return out
 
 
-def ratio_row(name: str, value: float | None, target: str, met: bool) -> dict[str, Any]:
-    status = "n/a" if value is None else ("met" if met else "MISSED")
+def ratio_row(name: str, value: float | None, target: str, met: bool | None) -> dict[str, Any]:
+    """``met`` None: a ratio reported beside the targets, with none of its own."""
+    if value is None:
+        status = "n/a"
+    elif met is None:
+        status = "reported"
+    else:
+        status = "met" if met else "MISSED"
     return {"measure": name, "value": value, "target": target, "status": status}
 
 

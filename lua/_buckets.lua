@@ -259,14 +259,16 @@ end
 -- holds are dropped here, by whichever script touches the account next, so the
 -- available balance is exact without any sweeper running.
 local function prune_lapsed_holds()
-  -- Holds are never of zero, so no held credits means no holds to look at.
-  if ctx.held == 0 then return end
+  -- Holds are never of zero (but where a cap counts them, see _scopes.lua),
+  -- so no held credits means no holds to look at.
+  if ctx.held == 0 and not ctx.K then return end
   local lapsed = redis.call('ZRANGEBYSCORE', ctx.holds, '-inf', ctx.now)
   if #lapsed == 0 then return end
   for _, rid in ipairs(lapsed) do
-    local field = 'r.' .. rid
-    local amount = tonumber(redis.call('HGET', ctx.acct, field) or '0')
-    redis.call('HDEL', ctx.acct, field)
+    local v = redis.call('HMGET', ctx.acct, 'r.' .. rid, 'y.' .. rid)
+    local amount = tonumber(v[1] or '0')
+    redis.call('HDEL', ctx.acct, 'r.' .. rid, 'y.' .. rid)
+    if v[2] then redis.call('HINCRBY', ctx.acct, 'Kh', 0 - tonumber(v[2])) end
     release_hold(rid, amount)
     redis.call('ZREM', ctx.holds, rid)
     journal('lapse', 0, 0, {'r', rid, 'x', amount})

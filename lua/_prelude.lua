@@ -6,7 +6,8 @@
 --                             active holds), p (plan), s (last sequence number),
 --                             r.<reservation id> = amount of each active hold,
 --                             and the credit buckets (fields B, N, O, q.<id>:
---                             see _buckets.lua)
+--                             see _buckets.lua), a tree member's P, R and
+--                             cap K, Kw, Kc, Km, Kh (see _scopes.lua)
 --   KEYS[2] holds sorted set  member = reservation id, score = deadline (ms)
 --   KEYS[3] journal stream    of the account's partition
 --   KEYS[4] idempotency key   string: fingerprint, newline, msgpack'd first reply
@@ -38,6 +39,7 @@ local OK, MISSING, NO_CREDITS, NO_CHAT = 0, 1, 2, 3
 local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
 local RES_EXISTS, RES_CLOSED, RATE_LIMITED, APPLIED_BEFORE = 8, 9, 10, 11
 local GRANT_EXISTS, GRANT_NOT_FOUND, TOO_MANY_GRANTS, GRANT_EXPIRED = 12, 13, 14, 15
+local CAP_REACHED, NOT_IN_SCOPE, IN_TREE, HAS_HISTORY = 16, 17, 18, 19
 -- The fingerprint of a record reloaded from the system of record, which keeps
 -- only that the key was applied, and at which sequence number.
 local RELOADED = '*'
@@ -87,7 +89,10 @@ end
 -- Loads the balances into ctx; false when the account is not in Redis yet and
 -- must be hydrated by the caller first.
 local function load_account()
-  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p', 'B', 'N', 'O')
+  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p', 'B', 'N', 'O', 'P', 'R', 'K')
+  -- A tree's member, or the stub it leaves in its own partition, and a cap
+  -- (see _scopes.lua).
+  ctx.P, ctx.R, ctx.K = v[8], v[9], v[10]
   if not v[1] then return false end
   ctx.credits, ctx.chat, ctx.held, ctx.plan =
     tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), v[4]

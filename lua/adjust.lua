@@ -5,6 +5,9 @@
 -- buckets in burn order, never what live holds need.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- KEYS[5..]   on a path of a tree, each ancestor's account and holds,
+--             parent first: the path is checked, the call acts on the
+--             account alone (see _scopes.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
 -- ARGV[9]     credit delta (signed, |delta| <= 2^53)
 -- ARGV[10]    chat message delta (signed, |delta| <= 2^53)
@@ -12,7 +15,9 @@
 -- ARGV[12]    reason, '' for none (journaled as field 'f')
 --
 -- Returns {0, replayed, credits, chat messages, sequence};
---   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {1, 0, account} when an account of the path is not in Redis (hydrate
+--     it, then call again); {17, 0, level, parent}, {18, 0, root}: see
+--     debit.lua;
 --   {2, 0, required, available} when a negative correction would take
 --     credits below the active holds, {3, 0, required, available} likewise
 --     for chat messages;
@@ -21,7 +26,8 @@
 
 local replay = idem_replay()
 if replay then return replay end
-if not load_account() then return {MISSING, 0} end
+local _, refused = open_path(4)
+if refused then return refused end
 catch_up()
 
 local credit_delta, chat_delta = tonumber(ARGV[9]), tonumber(ARGV[10])

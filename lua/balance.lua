@@ -2,6 +2,9 @@
 -- "held" and "available" are exact at the moment of the call.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- KEYS[5..]   on a path of a tree, each ancestor's account and holds,
+--             parent first: the path is checked, the call acts on the
+--             account alone (see _scopes.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
 --
 -- Writes also when a refill is due (see _prelude.lua). Rate limits are
@@ -12,9 +15,12 @@
 --          each, see debit.lua)...}, buckets an array in burn order of
 --          {id, remaining, held, priority, category, effective ms, expires ms
 --          (0 never), created ms, granted, live 0/1}, the base bucket included;
---   {1, 0} when the account is not in Redis (hydrate, then call again).
+--   {1, 0, account} when an account of the path is not in Redis (hydrate
+--     it, then call again); {17, 0, level, parent}, {18, 0, root}: see
+--     debit.lua.
 
-if not load_account() then return {MISSING, 0} end
+local _, refused = open_path(4)
+if refused then return refused end
 local limits = catch_up(true)
 local _, states = evaluate_limits(limits, 0, 0)
 local seq = tonumber(redis.call('HGET', ctx.acct, 's') or '0')

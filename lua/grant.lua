@@ -2,6 +2,9 @@
 -- effective start and expiry of its own), and chat messages with it.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- KEYS[5..]   on a path of a tree, each ancestor's account and holds,
+--             parent first: the path is checked, the call acts on the
+--             account alone (see _scopes.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
 -- ARGV[9]     credits (1..2^53)
 -- ARGV[10]    chat messages added with them (0..2^53)
@@ -18,7 +21,9 @@
 --
 -- Returns {0, replayed, credits, chat messages, sequence, bucket id,
 --          effective ms, expires ms (0 never)};
---   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {1, 0, account} when an account of the path is not in Redis (hydrate
+--     it, then call again); {17, 0, level, parent}, {18, 0, root}: see
+--     debit.lua;
 --   {6, 0} when the idempotency key was used for another call;
 --   {7, 0, limit} when a balance would pass 2^53;
 --   {12, 0} when a live bucket has this id;
@@ -28,7 +33,8 @@
 
 local replay = idem_replay()
 if replay then return replay end
-if not load_account() then return {MISSING, 0} end
+local _, refused = open_path(4)
+if refused then return refused end
 catch_up()
 
 local amount, messages, id = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]

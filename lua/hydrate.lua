@@ -16,17 +16,28 @@
 --             ';'-separated 'id,category,priority,remaining,granted,
 --             effective ms,expires ms,created ms,live (0/1)'; the base
 --             bucket holds the rest of the credits
+-- ARGV[15]    the account's parent in its tree, '' for none
+-- ARGV[16]    the root of its tree, '' for none (keys carry the root's tag)
+-- ARGV[17]    its cap (K, see _scopes.lua), '' for none
+-- ARGV[18]    the cap's use, 'window start,credits,messages', '' for none
 -- KEYS[5..]   idempotency records of calls the system of record holds (the
 --             account's, like KEYS[4]), set only where none exists
--- ARGV[15..]  for each of them: sequence number of the call's entry, ms left
+-- ARGV[19..]  for each of them: sequence number of the call's entry, ms left
 --             in the idempotency window
 --
 -- Returns {0, 0, inserted (0/1)}.
 
-if redis.call('EXISTS', ctx.acct) == 1 then return {OK, 0, 0} end
+-- Only the stub a tree's member keeps here (field R) may be there already.
+if redis.call('HGET', ctx.acct, 'c') then return {OK, 0, 0} end
 ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[9]), tonumber(ARGV[10]), 0, ARGV[11]
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
   's', ARGV[12])
+if ARGV[15] ~= '' then redis.call('HSET', ctx.acct, 'P', ARGV[15], 'R', ARGV[16]) end
+if ARGV[17] ~= '' then redis.call('HSET', ctx.acct, 'K', ARGV[17]) end
+if ARGV[18] ~= '' then
+  local use = split(ARGV[18], ',')
+  redis.call('HSET', ctx.acct, 'Kw', use[1], 'Kc', use[2], 'Km', use[3])
+end
 if ARGV[13] == '1' then
   -- The system of record has no history of the account: the entry carries
   -- its buckets too (field bs, the format of ARGV[14]), or it never learns them.
@@ -52,7 +63,7 @@ if ARGV[14] ~= '' then
 end
 -- A record Redis still has (an eviction keeps them) holds the first reply: kept.
 for i = 5, #KEYS do
-  local at = 15 + (i - 5) * 2
+  local at = 19 + (i - 5) * 2
   redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
     'PX', ARGV[at + 1], 'NX')
 end

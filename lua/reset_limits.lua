@@ -2,16 +2,22 @@
 -- limits (one by name, or all), journaled like every change.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- KEYS[5..]   on a path of a tree, each ancestor's account and holds,
+--             parent first: the path is checked, the call acts on the
+--             account alone (see _scopes.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
 -- ARGV[9]     limit name, '' for all
 --
 -- Returns {0, replayed, fields removed, sequence};
---   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {1, 0, account} when an account of the path is not in Redis (hydrate
+--     it, then call again); {17, 0, level, parent}, {18, 0, root}: see
+--     debit.lua;
 --   {6, 0} when the idempotency key was used for another call.
 
 local replay = idem_replay()
 if replay then return replay end
-if not load_account() then return {MISSING, 0} end
+local _, refused = open_path(4)
+if refused then return refused end
 catch_up()
 
 local prefix = 'l.'

@@ -4,13 +4,18 @@
 -- their deadlines, or the void is refused: a hold is never left unbacked.
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua)
+-- KEYS[5..]   on a path of a tree, each ancestor's account and holds,
+--             parent first: the path is checked, the call acts on the
+--             account alone (see _scopes.lua)
 -- ARGV[1..8]  common arguments (see _prelude.lua)
 -- ARGV[9]     bucket id
 -- ARGV[10]    reason, '' for none (journaled as field 'f')
 --
 -- Returns {0, replayed, credits taken back, credits, sequence, credits the
 --          bucket held for live holds (moved)};
---   {1, 0} when the account is not in Redis (hydrate, then call again);
+--   {1, 0, account} when an account of the path is not in Redis (hydrate
+--     it, then call again); {17, 0, level, parent}, {18, 0, root}: see
+--     debit.lua;
 --   {2, 0, required, available} when holds the bucket backs cannot move;
 --   {6, 0} when the idempotency key was used for another call;
 --   {13, 0} when the account has no such bucket (never granted, spent,
@@ -18,7 +23,8 @@
 
 local replay = idem_replay()
 if replay then return replay end
-if not load_account() then return {MISSING, 0} end
+local _, refused = open_path(4)
+if refused then return refused end
 catch_up()
 
 local id = ARGV[9]

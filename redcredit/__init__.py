@@ -13,11 +13,13 @@ from .config import GrantSettings, LimitSettings, PlanSettings, RefillSettings, 
 from .core.loader import AccountLoader, AccountSnapshot, AsyncAccountLoader, BucketSnapshot
 from .costs import CostRule, CostTable
 from .errors import (
+    AccountHasHistory,
     AccountIdError,
     AlreadyApplied,
     BackendUnavailable,
     BalanceOverflow,
     BatchGone,
+    CapReached,
     ConfigError,
     EmbeddedServerError,
     GrantError,
@@ -30,6 +32,7 @@ from .errors import (
     InsufficientFunds,
     InvalidInput,
     NotDurable,
+    NotInScope,
     RateLimited,
     RedCreditError,
     RedisAuthError,
@@ -39,6 +42,8 @@ from .errors import (
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    ScopeError,
+    ScopeRequired,
     TooManyGrants,
     UnknownFeature,
     UnknownPlan,
@@ -47,8 +52,10 @@ from .http.asgi import CreditGate
 from .http.routes import Route
 from .ledger.syncer import Syncer
 from .results import (
+    Attached,
     Balance,
     BalanceChange,
+    CapChange,
     CreditBucket,
     LimitState,
     PlanChange,
@@ -59,10 +66,12 @@ from .results import (
     SpendResult,
     Void,
 )
+from .scopes import Cap, Scope
 
 __version__: str = _version("redcredit")  # pyproject.toml's, as installed
 
 __all__ = [
+    "AccountHasHistory",
     "AccountIdError",
     "AccountLoader",
     "AccountSnapshot",
@@ -70,12 +79,16 @@ __all__ = [
     "AsyncAccountLoader",
     "AsyncRedCredit",
     "AsyncReservationBlock",
+    "Attached",
     "BackendUnavailable",
     "Balance",
     "BalanceChange",
     "BalanceOverflow",
     "BatchGone",
     "BucketSnapshot",
+    "Cap",
+    "CapChange",
+    "CapReached",
     "ConfigError",
     "CostRule",
     "CostTable",
@@ -96,6 +109,7 @@ __all__ = [
     "LimitSettings",
     "LimitState",
     "NotDurable",
+    "NotInScope",
     "PlanChange",
     "PlanSettings",
     "RateLimited",
@@ -113,6 +127,9 @@ __all__ = [
     "ReservationNotFound",
     "ReservationRef",
     "Route",
+    "Scope",
+    "ScopeError",
+    "ScopeRequired",
     "Settings",
     "Settlement",
     "SettlementOutcome",

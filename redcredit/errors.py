@@ -7,11 +7,13 @@ callers that need to tell "pay" from "wait" from "retry later" catch the leaves.
 from __future__ import annotations
 
 __all__ = [
+    "AccountHasHistory",
     "AccountIdError",
     "AlreadyApplied",
     "BackendUnavailable",
     "BalanceOverflow",
     "BatchGone",
+    "CapReached",
     "ConfigError",
     "EmbeddedServerError",
     "GrantError",
@@ -24,6 +26,7 @@ __all__ = [
     "InsufficientFunds",
     "InvalidInput",
     "NotDurable",
+    "NotInScope",
     "RateLimited",
     "RedCreditError",
     "RedisAuthError",
@@ -33,6 +36,8 @@ __all__ = [
     "ReservationError",
     "ReservationLapsed",
     "ReservationNotFound",
+    "ScopeError",
+    "ScopeRequired",
     "TooManyGrants",
     "UnknownFeature",
     "UnknownPlan",
@@ -79,11 +84,20 @@ class ConfigError(RedCreditError, ValueError):
 class InsufficientFunds(RedCreditError):
     """Base of the "the account cannot pay for this" refusals; nothing was changed."""
 
-    def __init__(self, account: str, required: int, available: int) -> None:
+    def __init__(
+        self, account: str, required: int, available: int, *, level: str | None = None
+    ) -> None:
         self.account = account
         self.required = required
         self.available = available
-        super().__init__(self._describe())
+        # On a path of a tree, the root: what every level together could pay.
+        self.level = account if level is None else level
+        super().__init__(self._describe() + self._where())
+
+    def _where(self) -> str:
+        if self.level == self.account:
+            return ""
+        return f" on its path up to {self.level!r}"
 
     def _describe(self) -> str:
         return f"account {self.account!r} needs {self.required} but has {self.available} available"
@@ -118,12 +132,17 @@ class RateLimited(RedCreditError):
     Kept apart from the credit errors so callers can tell "wait" from "pay".
     """
 
-    def __init__(self, account: str, limit: str, retry_after_ms: int) -> None:
+    def __init__(
+        self, account: str, limit: str, retry_after_ms: int, *, level: str | None = None
+    ) -> None:
         self.account = account
         self.limit = limit
         self.retry_after_ms = retry_after_ms
+        # The level of the call's path whose limit refused (the account itself alone).
+        self.level = account if level is None else level
+        whose = "its" if self.level == account else f"{self.level!r}'s"
         super().__init__(
-            f"account {account!r} is over its {limit!r} limit; retry in {retry_after_ms} ms"
+            f"account {account!r} is over {whose} {limit!r} limit; retry in {retry_after_ms} ms"
         )
 
     @property
@@ -217,6 +236,69 @@ class TooManyGrants(GrantError):
             account=account,
             grant_id=grant_id,
         )
+
+
+# -- Refused by Redis, nothing changed: a tree of accounts. --------------------
+
+
+class ScopeError(RedCreditError):
+    """Base of the refusals about a tree of accounts; nothing was changed."""
+
+    def __init__(self, message: str, *, account: str) -> None:
+        self.account = account
+        super().__init__(message)
+
+
+class NotInScope(ScopeError, InvalidInput):
+    """The path named is not the stored tree: ``level``'s parent is ``parent``."""
+
+    def __init__(
+        self, message: str, *, account: str, level: str | None = None, parent: str | None
+    ) -> None:
+        self.level = account if level is None else level
+        self.parent = parent
+        super().__init__(message, account=account)
+
+
+class ScopeRequired(ScopeError, InvalidInput):
+    """The account is a member of ``root``'s tree: name it by its path (a ``Scope``)."""
+
+    def __init__(self, *, account: str, root: str) -> None:
+        self.root = root
+        super().__init__(
+            f"account {account!r} is in the tree of {root!r}: name it by its path, "
+            f"e.g. Scope({root!r}, ..., {account!r})",
+            account=account,
+        )
+
+
+class AccountHasHistory(ScopeError, InvalidInput):
+    """Only a new account can be attached to a tree: this one has balances of its own."""
+
+
+class CapReached(RedCreditError):
+    """A level's cap refused the call until its window turns; nothing was changed.
+
+    Like :class:`RateLimited`, a "wait" (or raise the cap), not a "pay".
+    """
+
+    def __init__(
+        self, account: str, *, level: str, resource: str, cap: int, used: int, retry_after_ms: int
+    ) -> None:
+        self.account = account
+        self.level = level
+        self.resource = resource
+        self.cap = cap
+        self.used = used
+        self.retry_after_ms = retry_after_ms
+        super().__init__(
+            f"account {account!r}: the {resource} cap of {level!r} ({cap} per window, "
+            f"{used} used or held) refuses; its next window starts in {retry_after_ms} ms"
+        )
+
+    @property
+    def retry_after(self) -> float:
+        return self.retry_after_ms / 1000
 
 
 # -- Refused by Redis, nothing changed: a balance would lose exactness. --------

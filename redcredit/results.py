@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple
 
+from .scopes import Cap
+
 __all__ = [
+    "Attached",
     "Balance",
     "BalanceChange",
+    "CapChange",
     "CreditBucket",
     "LimitState",
     "PlanChange",
@@ -159,6 +163,8 @@ class ReservationRef(NamedTuple):
 
     account: str
     id: str
+    # On a path of a tree, the path it was made on, root first (``Scope.path``).
+    path: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +178,9 @@ class Reservation:
     sequence: int
     replayed: bool = False
     limits: tuple[LimitState, ...] = ()
+    # On a path of a tree, the path it was made on, root first: settle,
+    # release and extend act at every level of it.
+    path: tuple[str, ...] = ()
 
     @property
     def deadline(self) -> datetime:
@@ -179,7 +188,7 @@ class Reservation:
 
     @property
     def ref(self) -> ReservationRef:
-        return ReservationRef(self.account, self.id)
+        return ReservationRef(self.account, self.id, self.path)
 
 
 SettlementOutcome = Literal["settled", "released", "settled_late"]
@@ -199,5 +208,25 @@ class Settlement:
     charged: int
     uncharged: int
     credits_remaining: int | None
+    sequence: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """An account placed in a tree under ``path``'s parent (``attached`` False: it was)."""
+
+    account: str
+    path: tuple[str, ...]
+    attached: bool
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapChange:
+    """A level's cap set, or removed (``cap`` None)."""
+
+    account: str
+    cap: Cap | None
     sequence: int
     replayed: bool = False

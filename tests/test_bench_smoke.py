@@ -12,6 +12,7 @@ import pytest
 
 from bench.__main__ import parse
 from bench.sections import NAMES, SECTIONS
+from bench.sections import buckets as buckets_section
 from bench.sections import cluster as cluster_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ def test_quick_bench_runs_and_writes_results(tmp_path: Path) -> None:
         assert len(point["rates"]) == 3 and point["rate"] > 0 and point["calls"] > 0
         assert point["p50_ms"] <= point["p99_ms"] <= point["p999_ms"]
         assert point["client_cpu"] > 0 and point["redis_cpu"] is not None
+        assert point["redis_cpu_us_per_call"] > 0
+        # Every point here runs scripts by EVALSHA, so commandstats times them.
+        assert point["redis_script_us_per_call"] > 0
     assert 0 < data["memory"]["idle_account_bytes"] < 10_000
     ratios = {r["measure"]: r for r in data["ratios"]}
     assert ratios["async spend 64 / ceiling pipelined"]["status"] in {"met", "MISSED"}
@@ -77,6 +81,38 @@ def test_quick_cluster_section_sets_a_cluster_beside_one_redis(tmp_path: Path) -
     assert "cluster / standalone, 256 callers" in data["extra"]
     # The syncer drained the same journal from both, in the same run.
     assert float(data["extra"]["syncer drain, cluster / standalone"].rstrip("x")) > 0
+
+
+def test_quick_buckets_section_compares_bucket_accounts_with_plain_ones(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--only", "buckets",
+            "--runs", "1", "--seconds", "0.2", "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    points = {p["system"]: p for p in data["points"] if p["section"] == "buckets"}
+    expected = {
+        series.system(setup) for series in buckets_section.SERIES for setup in series.setups
+    }
+    assert set(points) == expected
+    assert "redcredit async spend, 32 buckets" in points
+    for point in points.values():
+        assert point["callers"] == 64 and point["rate"] > 0
+        assert point["redis_script_us_per_call"] > 0 and point["redis_cpu"] > 0
+    ratios = {r["measure"]: r for r in data["ratios"]}
+    target = ratios["async spend, 8 buckets / plain account, 64 callers"]
+    assert target["target"] == ">= 0.7x" and target["status"] in {"met", "MISSED"}
+    for n in ("1 bucket", "32 buckets"):
+        row = ratios[f"async spend, {n} / plain account, 64 callers"]
+        assert row["status"] == "reported" and row["value"] > 0
+    assert ratios["reserve -> settle, 8 buckets / plain account, 64 callers"]["value"] > 0
+    summary = data["extra"]["buckets: redcredit async spend, 8 buckets"]
+    assert "us in the script (commandstats)" in summary and "over plain account" in summary
+    assert data["extra"]["buckets: load average (1 min), before and after"].count(",") == 1
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,7 +17,9 @@ PACKAGE = ROOT / "redcredit"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 # The foundation: plain values, validation and settings that every room may use.
-FOUNDATION = frozenset({"errors", "results", "validation", "secrets", "costs", "config", "plans"})
+FOUNDATION = frozenset(
+    {"errors", "results", "validation", "secrets", "costs", "config", "plans", "scopes"}
+)
 # A room may import rooms of a lower rank, and itself; never a room of its own
 # rank or above (clients and ledger stand side by side and know nothing of each other).
 RANKS = {

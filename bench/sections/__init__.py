@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..harness import Config, Results, Servers
 from . import (
+    buckets,
     ceiling,
     clients,
     cluster,
@@ -53,6 +54,7 @@ SECTIONS = (
     Section("limits", limits.run, redis_port=True),
     Section("reserve", reservations.run_reserve),
     Section("chat", reservations.run_chat),
+    Section("buckets", buckets.run),
     Section("spread", clients.run_spread),
     Section("syncer", write_behind.run_syncer, postgres=True),
     Section("memory", memory.run),

@@ -26,14 +26,17 @@ from ..core.engine import (
 from ..core.loader import AsyncAccountLoader, AsyncDefaultsLoader
 from ..errors import ConfigError
 from ..results import (
+    Attached,
     Balance,
     BalanceChange,
+    CapChange,
     PlanChange,
     Reservation,
     Settlement,
     SpendResult,
     Void,
 )
+from ..scopes import Cap, Scope
 from .reservation import AsyncReservationBlock
 
 __all__ = ["AsyncRedCredit"]
@@ -123,7 +126,7 @@ class AsyncRedCredit:
 
     async def spend(
         self,
-        account: str,
+        account: str | Scope,
         feature: str | None = None,
         *,
         cost: int | None = None,
@@ -151,7 +154,7 @@ class AsyncRedCredit:
 
     async def spend_chat_message(
         self,
-        account: str,
+        account: str | Scope,
         *,
         messages: int = 1,
         model: str | None = None,
@@ -166,7 +169,7 @@ class AsyncRedCredit:
 
     async def chat_turn(
         self,
-        account: str,
+        account: str | Scope,
         feature: str | None = None,
         *,
         cost: int | None = None,
@@ -194,7 +197,7 @@ class AsyncRedCredit:
 
     async def grant(
         self,
-        account: str,
+        account: str | Scope,
         credits: int = 0,
         *,
         chat_messages: int = 0,
@@ -234,7 +237,7 @@ class AsyncRedCredit:
 
     async def void(
         self,
-        account: str,
+        account: str | Scope,
         grant_id: str,
         *,
         reason: str | None = None,
@@ -252,7 +255,7 @@ class AsyncRedCredit:
 
     async def correct(
         self,
-        account: str,
+        account: str | Scope,
         credits: int = 0,
         *,
         chat_messages: int = 0,
@@ -271,16 +274,16 @@ class AsyncRedCredit:
         )
 
     async def set_plan(
-        self, account: str, plan: str, *, idempotency_key: str | None = None
+        self, account: str | Scope, plan: str, *, idempotency_key: str | None = None
     ) -> PlanChange:
         return await self.run(self.engine.set_plan(account, plan, idempotency_key=idempotency_key))
 
-    async def balance(self, account: str, *, model: str | None = None) -> Balance:
+    async def balance(self, account: str | Scope, *, model: str | None = None) -> Balance:
         """Balances and rate limits, read without spending (refills due are applied)."""
         return await self.run(self.engine.balance(account, model=model))
 
     async def reset_limits(
-        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+        self, account: str | Scope, name: str | None = None, *, idempotency_key: str | None = None
     ) -> int:
         """Admin: forgets one rate limit's state (or all); returns the states removed."""
         return await self.run(
@@ -289,7 +292,7 @@ class AsyncRedCredit:
 
     async def reserve(
         self,
-        account: str,
+        account: str | Scope,
         amount: int,
         *,
         ttl: int | timedelta | None = None,
@@ -356,9 +359,24 @@ class AsyncRedCredit:
         """Renews a live lease to now + ``ttl``; a lapsed one raises :class:`ReservationLapsed`."""
         return await self.run(self.engine.extend(reservation, ttl=ttl))
 
+    async def attach(self, scope: Scope, *, idempotency_key: str | None = None) -> Attached:
+        """Admin: adds a new account to a tree, under ``scope.parent`` (docs/scopes.md).
+
+        From then on it is named by its path: a call naming it alone raises
+        :class:`ScopeRequired`. An account with balances or a history of its
+        own raises :class:`AccountHasHistory`. Attaching again is harmless.
+        """
+        return await self.run(self.engine.attach(scope, idempotency_key=idempotency_key))
+
+    async def set_cap(
+        self, account: str | Scope, cap: Cap | None, *, idempotency_key: str | None = None
+    ) -> CapChange:
+        """Admin: the most calls through this level may charge per window (``None``: no cap)."""
+        return await self.run(self.engine.set_cap(account, cap, idempotency_key=idempotency_key))
+
     def reservation(
         self,
-        account: str,
+        account: str | Scope,
         amount: int,
         *,
         ttl: int | timedelta | None = None,

@@ -21,6 +21,7 @@ from typing_extensions import TypeVar
 from .. import validation as v
 from ..errors import BackendUnavailable, InvalidInput, RedCreditError, ReservationError
 from ..results import Reservation, Settlement
+from ..scopes import Scope
 
 if TYPE_CHECKING:
     from ..core.engine import Engine
@@ -155,7 +156,7 @@ class _SyncHolder(Protocol):
     def engine(self) -> Engine: ...
 
     def reserve(
-        self, account: str, amount: int, *, ttl: int | timedelta | None, feature: str | None
+        self, account: str | Scope, amount: int, *, ttl: int | timedelta | None, feature: str | None
     ) -> Reservation: ...
 
     def extend(self, reservation: Reservation, *, ttl: timedelta) -> Reservation: ...
@@ -170,7 +171,7 @@ class _AsyncHolder(_Extends, Protocol):
     def engine(self) -> Engine: ...
 
     async def reserve(
-        self, account: str, amount: int, *, ttl: int | timedelta | None, feature: str | None
+        self, account: str | Scope, amount: int, *, ttl: int | timedelta | None, feature: str | None
     ) -> Reservation: ...
 
     async def settle(
@@ -186,7 +187,7 @@ class _Block:
     def __init__(
         self,
         engine: Engine,
-        account: str,
+        account: str | Scope,
         amount: int,
         ttl: int | timedelta | None,
         feature: str | None,
@@ -209,7 +210,7 @@ class ReservationBlock(_Block):
     def __init__(
         self,
         client: _SyncHolder,
-        account: str,
+        account: str | Scope,
         amount: int,
         ttl: int | timedelta | None,
         feature: str | None,
@@ -273,7 +274,7 @@ class AsyncReservationBlock(_Block):
     def __init__(
         self,
         client: _AsyncHolder,
-        account: str,
+        account: str | Scope,
         amount: int,
         ttl: int | timedelta | None,
         feature: str | None,

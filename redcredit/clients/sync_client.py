@@ -26,14 +26,17 @@ from ..core.engine import (
 from ..core.loader import AccountLoader, DefaultsLoader
 from ..errors import ConfigError
 from ..results import (
+    Attached,
     Balance,
     BalanceChange,
+    CapChange,
     PlanChange,
     Reservation,
     Settlement,
     SpendResult,
     Void,
 )
+from ..scopes import Cap, Scope
 from .reservation import ReservationBlock
 
 __all__ = ["RedCredit"]
@@ -121,7 +124,7 @@ class RedCredit:
 
     def spend(
         self,
-        account: str,
+        account: str | Scope,
         feature: str | None = None,
         *,
         cost: int | None = None,
@@ -149,7 +152,7 @@ class RedCredit:
 
     def spend_chat_message(
         self,
-        account: str,
+        account: str | Scope,
         *,
         messages: int = 1,
         model: str | None = None,
@@ -164,7 +167,7 @@ class RedCredit:
 
     def chat_turn(
         self,
-        account: str,
+        account: str | Scope,
         feature: str | None = None,
         *,
         cost: int | None = None,
@@ -192,7 +195,7 @@ class RedCredit:
 
     def grant(
         self,
-        account: str,
+        account: str | Scope,
         credits: int = 0,
         *,
         chat_messages: int = 0,
@@ -232,7 +235,7 @@ class RedCredit:
 
     def void(
         self,
-        account: str,
+        account: str | Scope,
         grant_id: str,
         *,
         reason: str | None = None,
@@ -250,7 +253,7 @@ class RedCredit:
 
     def correct(
         self,
-        account: str,
+        account: str | Scope,
         credits: int = 0,
         *,
         chat_messages: int = 0,
@@ -269,23 +272,23 @@ class RedCredit:
         )
 
     def set_plan(
-        self, account: str, plan: str, *, idempotency_key: str | None = None
+        self, account: str | Scope, plan: str, *, idempotency_key: str | None = None
     ) -> PlanChange:
         return self.run(self.engine.set_plan(account, plan, idempotency_key=idempotency_key))
 
-    def balance(self, account: str, *, model: str | None = None) -> Balance:
+    def balance(self, account: str | Scope, *, model: str | None = None) -> Balance:
         """Balances and rate limits, read without spending (refills due are applied)."""
         return self.run(self.engine.balance(account, model=model))
 
     def reset_limits(
-        self, account: str, name: str | None = None, *, idempotency_key: str | None = None
+        self, account: str | Scope, name: str | None = None, *, idempotency_key: str | None = None
     ) -> int:
         """Admin: forgets one rate limit's state (or all); returns the states removed."""
         return self.run(self.engine.reset_limits(account, name, idempotency_key=idempotency_key))
 
     def reserve(
         self,
-        account: str,
+        account: str | Scope,
         amount: int,
         *,
         ttl: int | timedelta | None = None,
@@ -352,9 +355,24 @@ class RedCredit:
         """Renews a live lease to now + ``ttl``; a lapsed one raises :class:`ReservationLapsed`."""
         return self.run(self.engine.extend(reservation, ttl=ttl))
 
+    def attach(self, scope: Scope, *, idempotency_key: str | None = None) -> Attached:
+        """Admin: adds a new account to a tree, under ``scope.parent`` (docs/scopes.md).
+
+        From then on it is named by its path: a call naming it alone raises
+        :class:`ScopeRequired`. An account with balances or a history of its
+        own raises :class:`AccountHasHistory`. Attaching again is harmless.
+        """
+        return self.run(self.engine.attach(scope, idempotency_key=idempotency_key))
+
+    def set_cap(
+        self, account: str | Scope, cap: Cap | None, *, idempotency_key: str | None = None
+    ) -> CapChange:
+        """Admin: the most calls through this level may charge per window (``None``: no cap)."""
+        return self.run(self.engine.set_cap(account, cap, idempotency_key=idempotency_key))
+
     def reservation(
         self,
-        account: str,
+        account: str | Scope,
         amount: int,
         *,
         ttl: int | timedelta | None = None,

@@ -15,6 +15,10 @@ Layout, with ``rc:v1`` the prefix and its schema version::
     rc:v1:{17}:sync:<group>                which syncer of the group reads it
     rc:v1:{sync}:members:<group>           the group's live syncers
 
+The keys of a tree's member carry the tag of the tree's root (its
+partition), so a call on any path of the tree touches one slot; the member's
+own partition keeps a stub of its account hash naming the root.
+
 The account id is the last part of the first three keys, after a one-letter
 kind, and the reservation id has a fixed length, so no id can be read as
 another key. The idempotency key is preceded by the byte length of the account
@@ -89,8 +93,9 @@ class KeySpace:
         # The tag holds only digits, so the first "}:a:" ends it.
         return name[name.index("}:a:", len(self.prefix)) + 4 :]
 
-    def for_account(self, account: str) -> AccountKeys:
-        tag = self.tag(self.partition(account))
+    def for_account(self, account: str, root: str | None = None) -> AccountKeys:
+        """The keys of an account; a tree's member's carry its root's tag."""
+        tag = self.tag(self.partition(account if root is None else root))
         return AccountKeys(
             account=account,
             hash=f"{tag}:a:{account}",
@@ -99,3 +104,14 @@ class KeySpace:
             _idem_base=f"{tag}:i:{len(account.encode())}:{account}:",
             _reservation_base=f"{tag}:r:{account}:",
         )
+
+    def for_path(self, path: tuple[str, ...]) -> tuple[AccountKeys, list[str]]:
+        """The keys of a path's last account, and each ancestor's hash and
+        holds, parent first, all with the root's tag."""
+        root = path[0]
+        leaf = self.for_account(path[-1], root)
+        ancestors: list[str] = []
+        for account in reversed(path[:-1]):
+            keys = self.for_account(account, root)
+            ancestors += [keys.hash, keys.holds]
+        return leaf, ancestors

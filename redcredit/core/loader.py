@@ -62,6 +62,13 @@ class AccountSnapshot:
     # The account's buckets other than its base bucket, which holds the rest
     # of ``credits``: the live buckets' remaining credits are part of it.
     buckets: tuple[BucketSnapshot, ...] = ()
+    # A tree's member: its parent and its tree's root (None for an account of
+    # no tree, or a root), and the cap of the level with its current window's
+    # use (lua/_scopes.lua: K, and 'window start,credits,messages').
+    parent: str | None = None
+    root: str | None = None
+    cap: str = ""
+    cap_use: str = ""
 
 
 class AccountLoader(Protocol):

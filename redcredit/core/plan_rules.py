@@ -3,7 +3,9 @@
 The first line holds the grant settings: ``<burn order>|<categories>|<most
 grants>|<default priority>``, the burn order as letters (``p`` priority,
 ``x`` expiry, ``c`` category, ``e`` effective start, ``d`` created) and the
-categories comma-separated in burn order. Then one line per plan that has
+categories comma-separated in burn order. Then ``\n*cal|<day>|<week>|<month>``:
+the previous, current and next start of each calendar window of caps, in
+UTC, comma-separated. Then one line per plan that has
 rate limits, refills or an overdraft: ``\\n<plan>|<limits>|<refills>|<overdraft>``.
 
 - limits, ``;``-separated: ``name,kind,rate,period_ms,burst,per_model,shadow``
@@ -103,7 +105,11 @@ class Rules:
 
     def _build(self, now_s: float) -> tuple[str, float]:
         lines = [self._grants]
-        valid_until = float("inf")
+        # The calendar windows of caps (lua/_scopes.lua), in UTC.
+        utc = ZoneInfo("UTC")
+        windows = [_period_starts(every, utc, now_s) for every in ("day", "week", "month")]
+        lines.append("\n*cal|" + "|".join(",".join(map(str, w)) for w in windows))
+        valid_until = windows[0][2] / 1000
         for name, plan in self._plans.items():
             refills, next_start = self._refills(plan, now_s)
             valid_until = min(valid_until, next_start)

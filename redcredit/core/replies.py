@@ -13,20 +13,24 @@ from enum import IntEnum
 from typing import Any, Final
 
 from ..errors import (
+    AccountHasHistory,
     AlreadyApplied,
     BalanceOverflow,
+    CapReached,
     GrantExists,
     GrantExpired,
     GrantNotFound,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
+    NotInScope,
     RateLimited,
     RedCreditError,
     ReservationClosed,
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    ScopeRequired,
     TooManyGrants,
 )
 from ..results import (
@@ -57,6 +61,7 @@ __all__ = [
     "reservation_extended",
     "settlement",
     "spend_result",
+    "text",
     "void",
 ]
 
@@ -84,6 +89,12 @@ class Status(IntEnum):
     GRANT_NOT_FOUND = 13
     TOO_MANY_GRANTS = 14
     GRANT_EXPIRED = 15
+    CAP_REACHED = 16
+    # The path named is not the stored tree (or not the reservation's path).
+    NOT_IN_SCOPE = 17
+    # The account is in a tree and was named without its path.
+    IN_TREE = 18
+    HAS_HISTORY = 19
 
 
 # A bypassing plan's balances in replies (-2**53): with an overdraft a real
@@ -106,7 +117,7 @@ OUTCOMES: Final[dict[int, SettlementOutcome]] = {
 }
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -127,9 +138,11 @@ def refusal(
     where = {"account": account, "reservation_id": reservation_id}
     match reply[0]:
         case Status.NO_CREDITS:
-            return InsufficientCredits(account, int(reply[2]), int(reply[3]))
+            return InsufficientCredits(account, int(reply[2]), int(reply[3]), level=_level(reply))
         case Status.NO_CHAT:
-            return InsufficientChatMessages(account, int(reply[2]), int(reply[3]))
+            return InsufficientChatMessages(
+                account, int(reply[2]), int(reply[3]), level=_level(reply)
+            )
         case Status.APPLIED_BEFORE:
             return AlreadyApplied(account, int(reply[2]))
         case Status.IDEM_CONFLICT:
@@ -139,7 +152,33 @@ def refusal(
         case Status.OVERFLOW:
             return BalanceOverflow(f"a balance of account {account!r} would pass {int(reply[2])}")
         case Status.RATE_LIMITED:
-            return RateLimited(account, _text(reply[2]), int(reply[3]))
+            return RateLimited(account, text(reply[2]), int(reply[3]), level=_level(reply))
+        case Status.CAP_REACHED:
+            return CapReached(
+                account,
+                level=text(reply[2]),
+                resource=text(reply[3]),
+                cap=int(reply[4]),
+                used=int(reply[5]),
+                retry_after_ms=max(int(reply[6]), 0),
+            )
+        case Status.NOT_IN_SCOPE:
+            level, parent = text(reply[2]), text(reply[3]) or None
+            return NotInScope(
+                f"account {level!r} is not where the path names it: its parent is {parent!r} "
+                f"(call for {account!r})",
+                account=account,
+                level=level,
+                parent=parent,
+            )
+        case Status.IN_TREE:
+            return ScopeRequired(account=account, root=text(reply[2]))
+        case Status.HAS_HISTORY:
+            return AccountHasHistory(
+                f"account {account!r} has balances or a history of its own: only a new "
+                "account can be attached to a tree",
+                account=account,
+            )
         case Status.RES_NOT_FOUND:
             return ReservationNotFound(
                 f"no reservation {reservation_id} for account {account!r} "
@@ -185,11 +224,16 @@ def refusal(
     return RedCreditError(f"unexpected reply from Redis: {reply!r}")
 
 
+def _level(reply: Reply) -> str | None:
+    """The level of a path a refusal names (its 5th value), if any."""
+    return text(reply[4]) if len(reply) > 4 else None
+
+
 def limit_states(reply: Reply, start: int) -> tuple[LimitState, ...]:
     """The limit states appended to a reply from ``start``, 7 values each."""
     return tuple(
         LimitState(
-            name=_text(reply[i]),
+            name=text(reply[i]),
             limit=int(reply[i + 1]),
             window_s=int(reply[i + 2]),
             remaining=int(reply[i + 3]),
@@ -230,7 +274,7 @@ def grant_change(reply: Reply, *, account: str) -> BalanceChange:
         int(reply[3]),
         int(reply[4]),
         bool(reply[1]),
-        grant_id=_text(reply[5]),
+        grant_id=text(reply[5]),
         effective_at_ms=int(reply[6]),
         expires_at_ms=expires or None,
     )
@@ -251,11 +295,11 @@ def void(reply: Reply, *, account: str, grant_id: str) -> Void:
 
 def _bucket(raw: list[Any]) -> CreditBucket:
     return CreditBucket(
-        id=_text(raw[0]),
+        id=text(raw[0]),
         remaining=int(raw[1]),
         held=int(raw[2]),
         priority=int(raw[3]),
-        category=_text(raw[4]),
+        category=text(raw[4]),
         effective_at_ms=int(raw[5]),
         expires_at_ms=int(raw[6]) or None,
         created_ms=int(raw[7]),
@@ -266,7 +310,7 @@ def _bucket(raw: list[Any]) -> CreditBucket:
 
 def plan_change(reply: Reply, *, account: str, plan: str) -> PlanChange:
     """set_plan.lua: sequence, previous plan."""
-    return PlanChange(account, plan, _text(reply[3]), int(reply[2]), bool(reply[1]))
+    return PlanChange(account, plan, text(reply[3]), int(reply[2]), bool(reply[1]))
 
 
 def balance(reply: Reply, *, account: str) -> Balance:
@@ -277,7 +321,7 @@ def balance(reply: Reply, *, account: str) -> Balance:
         credits=int(reply[2]),
         chat_messages=int(reply[3]),
         held=int(reply[4]),
-        plan=_text(reply[5]),
+        plan=text(reply[5]),
         sequence=int(reply[6]),
         unlimited=bool(reply[7]),
         server_time_ms=int(reply[8]),
@@ -287,12 +331,15 @@ def balance(reply: Reply, *, account: str) -> Balance:
     )
 
 
-def reservation(reply: Reply, *, account: str, amount: int) -> Reservation:
+def reservation(
+    reply: Reply, *, account: str, amount: int, path: tuple[str, ...] = ()
+) -> Reservation:
     """reserve.lua: deadline, sequence, reservation id, limit states."""
     return Reservation(
         account=account,
+        path=path,
         # A replay answers with the first call's id, not the one made for the retry.
-        id=_text(reply[4]),
+        id=text(reply[4]),
         amount=amount,
         deadline_ms=int(reply[2]),
         sequence=int(reply[3]),
@@ -320,10 +367,13 @@ def settlement(reply: Reply, *, account: str, reservation_id: str) -> Settlement
     )
 
 
-def reservation_extended(reply: Reply, *, account: str, reservation_id: str) -> Reservation:
+def reservation_extended(
+    reply: Reply, *, account: str, reservation_id: str, path: tuple[str, ...] = ()
+) -> Reservation:
     """extend.lua: new deadline, sequence, amount held."""
     return Reservation(
         account=account,
+        path=path,
         id=reservation_id,
         amount=int(reply[4]),
         deadline_ms=int(reply[2]),

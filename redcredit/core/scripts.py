@@ -1,6 +1,6 @@
 """The Lua scripts, loaded once from the ``lua/`` folder with their SHA1.
 
-Each script is sent as ``_prelude.lua`` and ``_buckets.lua`` followed by its
+Each script is sent as ``_prelude.lua``, ``_buckets.lua`` and ``_scopes.lua`` followed by its
 own file, because Redis cannot include one script from another.
 """
 
@@ -26,6 +26,7 @@ __all__ = [
 
 SCRIPT_NAMES = (
     "adjust",
+    "attach",
     "balance",
     "debit",
     "extend",
@@ -34,14 +35,15 @@ SCRIPT_NAMES = (
     "rebase",
     "reserve",
     "reset_limits",
+    "set_cap",
     "set_plan",
     "settle",
     "void",
 )
 # Sent, in this order, before each of SCRIPT_NAMES.
-PRELUDE_NAMES = ("_prelude", "_buckets")
+PRELUDE_NAMES = ("_prelude", "_buckets", "_scopes")
 # Scripts of the syncer and maintenance: they share none of the prelude.
-STANDALONE_NAMES = ("ack", "evict", "sync_lease", "sync_members")
+STANDALONE_NAMES = ("ack", "evict", "join", "sync_lease", "sync_members")
 
 
 @dataclass(frozen=True, slots=True)

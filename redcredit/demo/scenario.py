@@ -23,14 +23,16 @@ from ..backends.postgres import ledger_of, ledger_size
 from ..clients.sync_client import RedCredit
 from ..config import Settings
 from ..costs import CostTable
-from ..errors import RedCreditError
+from ..errors import CapReached, RedCreditError
 from ..ledger.syncer import Syncer
 from ..results import Balance
+from ..scopes import Scope
 from ..servers.postgres import EmbeddedPostgres
 from ..servers.redis import EmbeddedRedis
 from ..servers.spawn import free_port
 from .app import build_app, demo_settings
 from .terminal import TERMINATING, Table, handling, interrupt
+from .trees import play_buckets_and_tree
 
 __all__ = ["run_demo"]
 
@@ -121,11 +123,13 @@ def _play(rc: RedCredit, settings: Settings, run: str) -> str:
     print(f"A payment: pay = {pay!r}. Prices: {_PRICES}.\n")
     table = Table(("call", "outcome", "credits", "msgs", "held"), (40, 31, 9, 4, 4), wrap=0)
 
-    def show(call: str, action: Callable[[], object], account: str) -> None:
+    def show(call: str, action: Callable[[], object], account: str | Scope) -> None:
         try:
             outcome = _describe(action())
         except RedCreditError as refused:
             outcome = f"refused: {type(refused).__name__}"
+            if isinstance(refused, CapReached):
+                outcome += f" {refused.level}"  # the level whose cap refused
         table.add(call, outcome, *_state(rc.balance(account)))
 
     show("balance(ada)", lambda: "opened with the free tier", ada)
@@ -154,6 +158,7 @@ def _play(rc: RedCredit, settings: Settings, run: str) -> str:
     table.add("  ...7 tokens streamed",
               _describe(lease.settlement), *_state(rc.balance(ada)))  # fmt: skip
 
+    play_buckets_and_tree(rc, run, show)
     rc.grant(cyd, 10)
     _crash_a_holder(rc, settings, cyd, table)
     return ada
@@ -316,6 +321,8 @@ def _describe(result: object) -> str:
         text = f"granted, now {fields['credits']}"
     elif name == "PlanChange":
         text = f"plan {fields['previous_plan']} -> {fields['plan']}"
+    elif name == "CapChange":
+        text = "cap set"
     elif name == "Settlement":
         text = f"{fields['outcome']}: charged {fields['charged']}"
     else:

@@ -20,8 +20,9 @@ from .. import validation as v
 from ..clients.reservation import Lease, renew_until_cancelled, stop_renewing
 from ..errors import BackendUnavailable, ConfigError, InvalidInput, RedCreditError
 from ..results import Reservation
+from ..scopes import Scope as AccountScope
 from .breaker import CircuitBreaker
-from .gatekeeper import Gatekeeper, KeptGate, UnidentifiedPolicy
+from .gatekeeper import Gatekeeper, KeptGate, UnidentifiedPolicy, payer
 from .problems import Problem, Problems
 from .routes import ASGIApp, Message, Receive, Route, Scope, Send, match_route, resolve_cost
 
@@ -34,7 +35,9 @@ T = TypeVar("T")
 
 # The paying account of a request, from the app's own authentication: never
 # from a raw client header unless the app chooses so.
-Identify = Callable[[Scope], str | Awaitable[str | None] | None]
+# An account id, or the Scope (path) of a tree's member.
+Payer = str | AccountScope
+Identify = Callable[[Scope], Payer | Awaitable[Payer | None] | None]
 IdempotencyKeyOf = Callable[[Scope], str | Awaitable[str | None] | None]
 # What a stream route's endpoint reports to, as ``request.state.redcredit``.
 StreamLease = Lease[Reservation | None]
@@ -121,8 +124,9 @@ class _StreamWatch:
 class CreditGate(KeptGate):
     """Pure ASGI middleware charging the requests of ``routes`` to the account ``identify`` names.
 
-    ``identify(scope)`` returns the paying account (or an awaitable of it),
-    or ``None``: then ``unidentified="reject"`` answers 401, ``"pass"`` runs
+    ``identify(scope)`` returns the paying account, or the ``Scope`` (path)
+    of a tree's member, every level of which the call checks (or an
+    awaitable of either), or ``None``: then ``unidentified="reject"`` answers 401, ``"pass"`` runs
     the endpoint uncharged. Non-HTTP scopes (lifespan, websocket) and
     requests no route matches pass straight through.
 
@@ -214,8 +218,8 @@ class CreditGate(KeptGate):
         if route is None:
             await self.app(scope, receive, send)
             return
-        account = await _maybe_await(self.identify(scope))
-        if account is None:
+        identified = await _maybe_await(self.identify(scope))
+        if identified is None:
             self.stats.unidentified += 1
             if self.unidentified == "pass":
                 if route.stream:
@@ -226,8 +230,7 @@ class CreditGate(KeptGate):
                 await send_problem(send, self.keeper.problems.unidentified())
             return
         try:
-            # Checked before the account is named in a log line: a header can hold anything.
-            account = v.check_account_id(account)
+            account = payer(identified)
         except InvalidInput as exc:
             await send_problem(send, self.keeper.invalid(exc, route.describe()))
             return
@@ -250,7 +253,7 @@ class CreditGate(KeptGate):
         return lease
 
     async def _once(
-        self, route: Route, account: str, scope: Scope, receive: Receive, send: Send
+        self, route: Route, account: str | AccountScope, scope: Scope, receive: Receive, send: Send
     ) -> None:
         verdict = await self.keeper.spend(
             route,
@@ -264,7 +267,7 @@ class CreditGate(KeptGate):
         await self.app(scope, receive, _with_headers(send, verdict.headers))
 
     async def _stream(
-        self, route: Route, account: str, scope: Scope, receive: Receive, send: Send
+        self, route: Route, account: str | AccountScope, scope: Scope, receive: Receive, send: Send
     ) -> None:
         amount = await resolve_cost(route.max_cost, scope)
         if amount is None:

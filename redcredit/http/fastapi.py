@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 from ..clients.async_client import AsyncRedCredit
 from ..errors import ConfigError
 from ..results import SpendResult
+from ..scopes import Scope as AccountScope
 from .breaker import CircuitBreaker
 from .gatekeeper import Gatekeeper, KeptGate, UnidentifiedPolicy
 from .problems import Problem, Problems
@@ -131,7 +132,7 @@ class CreditDependency(KeptGate):
         )
 
     async def __call__(
-        self, request: Request, response: Response, account: str | None
+        self, request: Request, response: Response, account: str | AccountScope | None
     ) -> SpendResult | None:
         """The spend's result; ``None`` when the request went through uncharged."""
         keeper, route = self.keeper, self.route

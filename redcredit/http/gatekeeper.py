@@ -19,6 +19,7 @@ from .. import validation as v
 from ..errors import (
     AlreadyApplied,
     BackendUnavailable,
+    CapReached,
     ConfigError,
     IdempotencyConflict,
     InsufficientFunds,
@@ -29,6 +30,7 @@ from ..errors import (
     RedisCommandError,
 )
 from ..results import Reservation, SpendResult
+from ..scopes import Scope as AccountScope
 from .breaker import CircuitBreaker, within_deadline
 from .problems import Problem, Problems, credit_headers, ratelimit_headers
 from .routes import Route
@@ -89,7 +91,7 @@ class Verdict:
     result: SpendResult | None = None
     headers: tuple[tuple[str, str], ...] = ()
     ungated: bool = False
-    refusal: InsufficientFunds | RateLimited | None = None
+    refusal: InsufficientFunds | RateLimited | CapReached | None = None
 
     @property
     def allowed(self) -> bool:
@@ -166,7 +168,7 @@ class Gatekeeper:
     async def spend(
         self,
         route: Route,
-        account: str,
+        account: str | AccountScope,
         *,
         cost: int | None,
         idempotency_key: str | None = None,
@@ -210,7 +212,7 @@ class Gatekeeper:
     async def reserve(
         self,
         route: Route,
-        account: str,
+        account: str | AccountScope,
         *,
         amount: int,
         ttl: timedelta,
@@ -264,7 +266,7 @@ class Gatekeeper:
             self.stats.conflicts += 1
             self._warn("conflict", "%s refused with 409: %s", what, exc)
             return Verdict(problem=self.problems.conflict(exc))
-        if isinstance(exc, InsufficientFunds | RateLimited):
+        if isinstance(exc, InsufficientFunds | RateLimited | CapReached):
             return self._refused(exc, route, what)
         if isinstance(exc, BackendUnavailable | NotDurable | RedisCommandError):
             # A Redis error no retry mends (a script error, a permission) leaves
@@ -279,13 +281,13 @@ class Gatekeeper:
         return self.problems.invalid(exc)
 
     def _refused(
-        self, refusal: InsufficientFunds | RateLimited, route: Route, what: str
+        self, refusal: InsufficientFunds | RateLimited | CapReached, route: Route, what: str
     ) -> Verdict:
         if route.shadow:
             self.stats.shadow_refusals += 1
             log.info("%s: shadow route let through what it would refuse: %s", what, refusal)
             return Verdict(refusal=refusal)
-        if isinstance(refusal, RateLimited):
+        if isinstance(refusal, RateLimited | CapReached):
             self.stats.rate_limited += 1
         else:
             self.stats.refused += 1
@@ -313,9 +315,19 @@ class Gatekeeper:
         log.warning(message, *args)
 
 
-def _what(route: Route, account: str) -> str:
+def _what(route: Route, account: str | AccountScope) -> str:
     """How log lines name one request."""
     return f"{route.describe()} for {account!r}"
+
+
+def payer(identified: object) -> str | AccountScope:
+    """What ``identify`` named: an account id (checked), or the ``Scope`` of a tree's member.
+
+    Checked before the account is named in a log line: a header can hold anything.
+    """
+    if isinstance(identified, AccountScope):
+        return identified
+    return v.check_account_id(identified)
 
 
 class KeptGate:

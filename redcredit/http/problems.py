@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 
 from ..errors import (
     AlreadyApplied,
+    CapReached,
     ConfigError,
     IdempotencyConflict,
     InsufficientChatMessages,
@@ -42,6 +43,7 @@ ProblemKind = Literal[
     "insufficient-credits",
     "insufficient-chat-messages",
     "rate-limited",
+    "cap-reached",
     "unavailable",
     "unidentified",
     "invalid-request",
@@ -53,6 +55,7 @@ _DEFAULT_STATUSES: Final[Mapping[ProblemKind, int]] = MappingProxyType(
         "insufficient-credits": 402,
         "insufficient-chat-messages": 402,
         "rate-limited": 429,
+        "cap-reached": 429,
         "unavailable": 503,
         "unidentified": 401,
         "invalid-request": 400,
@@ -64,6 +67,7 @@ _DEFAULT_TITLES: Final[Mapping[ProblemKind, str]] = MappingProxyType(
         "insufficient-credits": "Insufficient credits",
         "insufficient-chat-messages": "No chat messages left",
         "rate-limited": "Rate limit exceeded",
+        "cap-reached": "Budget cap reached",
         "unavailable": "Credit service unavailable",
         "unidentified": "No paying account",
         "invalid-request": "Request cannot be charged",
@@ -129,8 +133,25 @@ class Problems:
         }
         return Problem(status, tuple(headers), body)
 
-    def refusal(self, refused: InsufficientFunds | RateLimited) -> Problem:
-        """The answer to a refused spend, chat turn or reservation."""
+    def refusal(self, refused: InsufficientFunds | RateLimited | CapReached) -> Problem:
+        """The answer to a refused spend, chat turn or reservation; ``level`` names
+        the level of the account's tree whose rule refused (the account alone)."""
+        if isinstance(refused, CapReached):
+            seconds = retry_after_seconds(refused.retry_after_ms)
+            return self.problem(
+                "cap-reached",
+                f"The {refused.resource} cap of {refused.level!r} is reached; "
+                f"its window turns in {seconds} s.",
+                headers=[("retry-after", str(seconds))],
+                cap={
+                    "level": refused.level,
+                    "resource": refused.resource,
+                    "cap": refused.cap,
+                    "used": refused.used,
+                    "retry_after_ms": refused.retry_after_ms,
+                    "account": refused.account,
+                },
+            )
         if isinstance(refused, RateLimited):
             seconds = retry_after_seconds(refused.retry_after_ms)
             return self.problem(
@@ -141,6 +162,7 @@ class Problems:
                     "name": refused.limit,
                     "retry_after_ms": refused.retry_after_ms,
                     "account": refused.account,
+                    "level": refused.level,
                 },
             )
         if isinstance(refused, InsufficientChatMessages):
@@ -164,6 +186,7 @@ class Problems:
                 "required": refused.required,
                 "available": refused.available,
                 "account": refused.account,
+                "level": refused.level,
             },
         )
 

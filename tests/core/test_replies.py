@@ -10,20 +10,24 @@ from redcredit.core import replies
 from redcredit.core.replies import OUTCOMES, Outcome, Status
 from redcredit.core.scripts import SCRIPT_NAMES, lua_dir
 from redcredit.errors import (
+    AccountHasHistory,
     AlreadyApplied,
     BalanceOverflow,
+    CapReached,
     GrantExists,
     GrantExpired,
     GrantNotFound,
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
+    NotInScope,
     RateLimited,
     RedCreditError,
     ReservationClosed,
     ReservationError,
     ReservationLapsed,
     ReservationNotFound,
+    ScopeRequired,
     TooManyGrants,
 )
 
@@ -110,6 +114,10 @@ _REFUSALS: list[tuple[list[object], type[RedCreditError]]] = [
     ([Status.GRANT_NOT_FOUND, 0], GrantNotFound),
     ([Status.TOO_MANY_GRANTS, 0, 32], TooManyGrants),
     ([Status.GRANT_EXPIRED, 0, 1_000, 2_000], GrantExpired),
+    ([Status.CAP_REACHED, 0, b"acme", b"credits", 100, 90, 5_000], CapReached),
+    ([Status.NOT_IN_SCOPE, 0, b"alice", b"other"], NotInScope),
+    ([Status.IN_TREE, 0, b"acme"], ScopeRequired),
+    ([Status.HAS_HISTORY, 0], AccountHasHistory),
 ]
 
 

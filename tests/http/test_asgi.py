@@ -280,7 +280,13 @@ async def test_insufficient_credits_is_402_problem(served: ServedApp, arc: Async
         "title": "Insufficient credits",
         "status": 402,
         "detail": "This request needs 10 credits; 5 are available.",
-        "balance": {"resource": "credits", "required": 10, "available": 5, "account": "carol"},
+        "balance": {
+            "resource": "credits",
+            "required": 10,
+            "available": 5,
+            "account": "carol",
+            "level": "carol",
+        },
     }
     assert (await arc.balance("carol")).credits == 5
     assert served.app.stats.refused == 1
@@ -297,7 +303,13 @@ async def test_no_chat_messages_is_402_problem(served: ServedApp, arc: AsyncRedC
         "title": "No chat messages left",
         "status": 402,
         "detail": "This request needs 1 chat messages; 0 are left.",
-        "balance": {"resource": "chat_messages", "required": 1, "available": 0, "account": "dave"},
+        "balance": {
+            "resource": "chat_messages",
+            "required": 1,
+            "available": 0,
+            "account": "dave",
+            "level": "dave",
+        },
     }
     # The turn's credits were not spent either.
     assert (await arc.balance("dave")).credits == 100
@@ -481,7 +493,12 @@ async def test_rate_limit_headers_then_429_with_retry_after(
         "title": "Rate limit exceeded",
         "status": 429,
         "detail": f"The 'per_minute' rate limit is exhausted; retry in {math.ceil(wait_ms / 1000)} s.",
-        "rate_limit": {"name": "per_minute", "retry_after_ms": wait_ms, "account": "ivy"},
+        "rate_limit": {
+            "name": "per_minute",
+            "retry_after_ms": wait_ms,
+            "account": "ivy",
+            "level": "ivy",
+        },
     }
     # The refused turn spent nothing.
     balance = await arc.balance("ivy")
@@ -539,6 +556,7 @@ async def test_stream_refused_when_the_reservation_cannot_be_held(
         "required": 50,
         "available": 40,
         "account": "mia",
+        "level": "mia",
     }
 
 
@@ -803,7 +821,13 @@ async def test_fastapi_dependency(
         "title": "Insufficient credits",
         "status": 402,
         "detail": "This request needs 10 credits; 5 are available.",
-        "balance": {"resource": "credits", "required": 10, "available": 5, "account": "rita"},
+        "balance": {
+            "resource": "credits",
+            "required": 10,
+            "available": 5,
+            "account": "rita",
+            "level": "rita",
+        },
     }
     assert unidentified.status_code == 401
     assert unidentified.headers["www-authenticate"] == "Bearer"

@@ -114,7 +114,13 @@ def test_insufficient_credits_problem() -> None:
         "title": "Insufficient credits",
         "status": 402,
         "detail": "This request needs 10 credits; 3 are available.",
-        "balance": {"resource": "credits", "required": 10, "available": 3, "account": "u1"},
+        "balance": {
+            "resource": "credits",
+            "required": 10,
+            "available": 3,
+            "account": "u1",
+            "level": "u1",
+        },
     }
     assert problem.all_headers() == [
         ("content-type", "application/problem+json"),
@@ -132,6 +138,7 @@ def test_insufficient_chat_messages_problem() -> None:
         "required": 1,
         "available": 0,
         "account": "u2",
+        "level": "u2",
     }
 
 
@@ -149,7 +156,12 @@ def test_rate_limited_problem_rounds_retry_after_up(retry_after_ms: int, seconds
         "title": "Rate limit exceeded",
         "status": 429,
         "detail": f"The 'rpm' rate limit is exhausted; retry in {seconds} s.",
-        "rate_limit": {"name": "rpm", "retry_after_ms": retry_after_ms, "account": "u3"},
+        "rate_limit": {
+            "name": "rpm",
+            "retry_after_ms": retry_after_ms,
+            "account": "u3",
+            "level": "u3",
+        },
     }
 
 

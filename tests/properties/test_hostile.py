@@ -44,6 +44,7 @@ from redcredit import (
     AccountIdError,
     AsyncRedCredit,
     BalanceOverflow,
+    Cap,
     ConfigError,
     CostTable,
     IdempotencyConflict,
@@ -53,6 +54,7 @@ from redcredit import (
     RedCreditError,
     ReservationNotFound,
     ReservationRef,
+    Scope,
     Settings,
     UnknownFeature,
     UnknownPlan,
@@ -64,7 +66,8 @@ from redcredit.errors import EmbeddedServerError
 from redcredit.http.asgi import CreditGate
 from redcredit.http.gatekeeper import Gatekeeper
 from redcredit.http.problems import PROBLEM_CONTENT_TYPE, Problems
-from redcredit.http.routes import Route, Scope
+from redcredit.http.routes import Route
+from redcredit.http.routes import Scope as ASGIScope
 from redcredit.ledger.reconcile import scan_accounts
 from redcredit.ledger.syncer import Syncer
 from redcredit.servers.redis import EmbeddedRedis
@@ -447,6 +450,15 @@ def cases_for(method: str, live: ReservationRef) -> list[Case]:
         ],
         "release": [*refs, *ref_accounts, *keys],
         "extend": [*refs, *ref_accounts, *ttls],
+        "attach": [
+            *[Case("scope", value, "Scope") for value in ("acme", Scope("acme"), None, 3)],
+            *keys,
+        ],
+        "set_cap": [
+            *accounts,
+            *[Case("cap", value, "cap") for value in ("1000", 1000, {"credits": 1}, Scope("a"))],
+            *keys,
+        ],
         "reservation": [
             *accounts,
             *_amount_cases("amount", zero_refused=True),
@@ -470,6 +482,8 @@ EXEMPT = {
 }
 METHODS = sorted(
     {
+        "attach",
+        "set_cap",
         "spend",
         "chat_turn",
         "spend_chat_message",
@@ -513,6 +527,10 @@ def base_kwargs(method: str, param: str, live: ReservationRef) -> dict[str, obje
         return {"account": VICTIM, "cost": 1}
     if method in ("reserve", "reservation"):
         return {"account": VICTIM, "amount": 1}
+    if method == "attach":
+        return {"scope": Scope("hostile-root", VICTIM)}
+    if method == "set_cap":
+        return {"account": VICTIM, "cap": Cap(credits=1)}
     return {"account": VICTIM}
 
 
@@ -1218,13 +1236,13 @@ class Recorder:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Any, send: Any) -> None:
         self.calls += 1
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _account_of(scope: Scope) -> Any:
+def _account_of(scope: ASGIScope) -> Any:
     # The test puts any object here; a real app would read its session or a header.
     return scope.get("test_account", VICTIM)
 
