@@ -8,10 +8,10 @@
 -- ARGV[10]    chat messages
 -- ARGV[11]    plan
 -- ARGV[12]    last sequence number applied in the system of record
--- ARGV[13]    1 to journal the opening balances (op 'open'): for an account
---             new to the system of record, or one it holds but never received
---             a journal entry for (a legacy row), so its ledger sums to its
---             balance
+-- ARGV[13]    1 to journal the opening balances (op 'open', with the buckets
+--             of ARGV[14] as field bs): for an account new to the system of
+--             record, or one it holds but never received a journal entry for
+--             (a legacy row), so its ledger sums to its balance
 -- ARGV[14]    the account's buckets besides its base bucket, '' for none:
 --             ';'-separated 'id,category,priority,remaining,granted,
 --             effective ms,expires ms,created ms,live (0/1)'; the base
@@ -39,7 +39,11 @@ if ARGV[18] ~= '' then
   redis.call('HSET', ctx.acct, 'Kw', use[1], 'Kc', use[2], 'Km', use[3])
 end
 if ARGV[13] == '1' then
-  journal('open', ctx.credits, ctx.chat)
+  -- The system of record has no history of the account: the entry carries
+  -- its buckets too (field bs, the format of ARGV[14]), or it never learns them.
+  local extra = nil
+  if ARGV[14] ~= '' then extra = {'bs', ARGV[14]} end
+  journal('open', ctx.credits, ctx.chat, extra)
 end
 if ARGV[14] ~= '' then
   -- Buckets due (expired, or effective) while Redis lacked the account are

@@ -3,12 +3,13 @@
 -- the fork's net change (Redis's balances less those the fork left from, less
 -- the deltas of fork entries that repeat one of PostgreSQL's side), clamped at
 -- what the live holds need (zero without holds); its sequence number becomes
--- PostgreSQL's last, and one 'rebase' entry journals the difference. Holds,
--- limits, refill markers and idempotency records stay; those of the calls on
--- PostgreSQL's side are added where none exists. Done only when Redis is at
--- the newest fork entry PostgreSQL holds, so the syncer knows every entry of
--- the fork, and idempotent by the fork's first stream id, kept in the account
--- hash (fields rb, and rbo for the reply).
+-- PostgreSQL's last, and one 'rebase' entry journals the difference and the
+-- buckets as they are (field bs: the fork's changes to them never reached
+-- PostgreSQL). Holds, limits, refill markers and idempotency records stay;
+-- those of the calls on PostgreSQL's side are added where none exists. Done
+-- only when Redis is at the newest fork entry PostgreSQL holds, so the syncer
+-- knows every entry of the fork, and idempotent by the fork's first stream
+-- id, kept in the account hash (fields rb, and rbo for the reply).
 --
 -- KEYS[1..4]  account, holds, journal, idempotency (see _prelude.lua; the
 --             fourth is not used)
@@ -74,7 +75,18 @@ ctx.credits = credits
 ctx.chat = math.min(math.max(pg_chat + net_chat, 0), MAX_AMOUNT)
 if ctx.plan == ARGV[19] then ctx.plan = ARGV[17] end
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'p', ctx.plan, 's', ARGV[18])
-local seq = journal('rebase', ctx.credits - pg_credits, ctx.chat - pg_chat, {'f', fork})
+-- PostgreSQL never saw the fork's changes to the buckets (they were kept
+-- apart): the entry carries them as they are now, in hydrate.lua's format
+-- ('bs', '' for none besides the base bucket).
+local snapshot = {}
+for _, b in ipairs(ctx.bk or {}) do
+  if b[BID] ~= BASE and b[BREM] ~= 0 then
+    snapshot[#snapshot + 1] = table.concat({b[BID], b[BCAT], int(b[BPRIO]), int(b[BREM]),
+      int(b[BGRANTED]), int(b[BEFF]), int(b[BEXP]), int(b[BMADE]), int(b[BLIVE])}, ',')
+  end
+end
+local seq = journal('rebase', ctx.credits - pg_credits, ctx.chat - pg_chat,
+  {'f', fork, 'bs', table.concat(snapshot, ';')})
 local reply = {old_seq, seq, net_credits, net_chat, ctx.credits - pg_credits, ctx.chat - pg_chat}
 redis.call('HSET', ctx.acct, 'rb', fork, 'rbo', cmsgpack.pack(reply))
 for i = 5, #KEYS do

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
-__all__ = ["LEDGER_COLUMNS", "JournalEntry", "parse_entry", "text"]
+from .loader import BucketSnapshot
+
+__all__ = [
+    "BASE_BUCKET",
+    "LEDGER_COLUMNS",
+    "BucketChange",
+    "GrantAttributes",
+    "JournalEntry",
+    "changes_json",
+    "instant",
+    "parse_entry",
+    "text",
+]
+
+# The bucket that holds the rest of an account's credits; the system of record
+# keeps no row for it (see migrations/0004_buckets.sql).
+BASE_BUCKET = "base"
 
 # Column order of the ledger table, as written by the syncer.
 LEDGER_COLUMNS = (
@@ -26,7 +43,49 @@ LEDGER_COLUMNS = (
     "hold_amount",
     "server_time",
     "stream_id",
+    "bucket",
+    "bucket_changes",
+    "grant_category",
+    "grant_priority",
+    "grant_effective_at",
+    "grant_expires_at",
+    "grant_amount",
+    "grant_created_at",
 )
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def instant(ms: int) -> datetime:
+    """ms since the epoch as a datetime, exactly (a float division may round)."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+class BucketChange(NamedTuple):
+    """What one entry did to one bucket: its delta, and its remaining credits after."""
+
+    bucket: str
+    delta: int
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantAttributes:
+    """A bucket's attributes as a grant or refill entry leaves them; times in ms, 0 never."""
+
+    category: str
+    priority: int
+    effective_ms: int
+    expires_ms: int
+    granted: int
+    created_ms: int
+
+
+def changes_json(changes: tuple[BucketChange, ...]) -> str | None:
+    """The ledger's ``bucket_changes``: a JSON array, None when no bucket changed."""
+    if not changes:
+        return None
+    return json.dumps([{"bucket": c.bucket, "delta": c.delta, "after": c.after} for c in changes])
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +107,14 @@ class JournalEntry:
     idempotency_key: str | None = None
     reservation_id: str | None = None
     hold_amount: int | None = None
+    # The bucket the op is about (grant, void, expire, effective, refill).
+    bucket: str | None = None
+    bucket_changes: tuple[BucketChange, ...] = ()
+    # Grant and refill entries: the bucket's attributes after the entry.
+    grant: GrantAttributes | None = None
+    # A re-base: every bucket of the account besides the base bucket, as Redis
+    # has them after it (their changes on the fork were kept apart).
+    bucket_snapshot: tuple[BucketSnapshot, ...] | None = None
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -59,7 +126,12 @@ class JournalEntry:
         """Where the entry lands in the ledger: its account and sequence number."""
         return (self.account, self.seq)
 
+    @property
+    def touches_buckets(self) -> bool:
+        return bool(self.bucket or self.bucket_changes) or self.bucket_snapshot is not None
+
     def ledger_row(self) -> tuple[Any, ...]:
+        grant = self.grant
         return (
             self.account,
             self.seq,
@@ -77,6 +149,14 @@ class JournalEntry:
             self.hold_amount,
             datetime.fromtimestamp(self.server_time_ms / 1000, tz=UTC),
             self.stream_id,
+            self.bucket,
+            changes_json(self.bucket_changes),
+            None if grant is None else grant.category,
+            None if grant is None else grant.priority,
+            None if grant is None else instant(grant.effective_ms),
+            None if grant is None or grant.expires_ms == 0 else instant(grant.expires_ms),
+            None if grant is None else grant.granted,
+            None if grant is None else instant(grant.created_ms),
         )
 
 
@@ -87,6 +167,54 @@ def text(value: bytes | str) -> str:
 def _optional_int(fields: dict[str, str], name: str) -> int | None:
     value = fields.get(name)
     return None if value is None else int(value)
+
+
+def _bucket_changes(value: str | None) -> tuple[BucketChange, ...]:
+    if not value:
+        return ()
+    changes = []
+    for part in value.split(","):
+        # A grant id may hold ':', never ','.
+        bucket, delta, after = part.rsplit(":", 2)
+        changes.append(BucketChange(bucket, int(delta), int(after)))
+    return tuple(changes)
+
+
+def _grant(fields: dict[str, str]) -> GrantAttributes | None:
+    if "gc" not in fields:
+        return None
+    return GrantAttributes(
+        category=fields["gc"],
+        priority=int(fields["gp"]),
+        effective_ms=int(fields["ge"]),
+        expires_ms=int(fields["gx"]),
+        granted=int(fields["ga"]),
+        created_ms=int(fields["gt"]),
+    )
+
+
+def _snapshot(value: str | None) -> tuple[BucketSnapshot, ...] | None:
+    """Buckets in hydrate.lua's format: 'id,category,priority,remaining,granted,effective,
+    expires,created,live' joined by ';'."""
+    if value is None:
+        return None
+    buckets = []
+    for text_ in filter(None, value.split(";")):
+        f = text_.split(",")
+        buckets.append(
+            BucketSnapshot(
+                id=f[0],
+                category=f[1],
+                priority=int(f[2]),
+                remaining=int(f[3]),
+                granted=int(f[4]),
+                effective_ms=int(f[5]),
+                expires_ms=int(f[6]),
+                created_ms=int(f[7]),
+                pending=f[8] == "0",
+            )
+        )
+    return tuple(buckets)
 
 
 def parse_entry(stream: Any, stream_id: Any, raw: Any) -> JournalEntry:
@@ -110,4 +238,8 @@ def parse_entry(stream: Any, stream_id: Any, raw: Any) -> JournalEntry:
         idempotency_key=fields.get("k"),
         reservation_id=fields.get("r"),
         hold_amount=_optional_int(fields, "x"),
+        bucket=fields.get("g"),
+        bucket_changes=_bucket_changes(fields.get("bk")),
+        grant=_grant(fields),
+        bucket_snapshot=_snapshot(fields.get("bs")),
     )

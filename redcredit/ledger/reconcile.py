@@ -1,8 +1,11 @@
 """Compare Redis with PostgreSQL plus the journal not yet applied, and report any drift.
 
 For every account, the balances Redis holds must equal those of the newest
-journal entry not yet in PostgreSQL, or else PostgreSQL's own; and the ledger
-of every account must sum to its balance with no gap in its sequence numbers.
+journal entry not yet in PostgreSQL, or else PostgreSQL's own, and its
+credit buckets those of PostgreSQL with the journal not yet applied folded
+in; the ledger of every account must sum to its balance with no gap in its
+sequence numbers, and each bucket's changes in it to the bucket's remaining
+credits.
 Accounts that change while being compared are checked again. Accounts whose
 history in Redis forked from PostgreSQL's are named: once re-based they must
 agree like any other (the fork's own entries, kept apart, are not compared),
@@ -13,6 +16,8 @@ pipeline per node.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -29,15 +34,20 @@ from ..backends.postgres import (
     LedgerSums,
     account_ids,
     account_states,
+    bucket_remaining,
+    bucket_rows,
     forks_of,
+    ledger_bucket_sums,
     ledger_sums,
     postgres_errors_translated,
 )
 from ..backends.redis import redis_errors_translated
 from ..backends.topology import Topology
 from ..config import Settings
+from ..core.bucket_ledger import BucketRow, fold_entry, open_snapshots, unpack_buckets
 from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
+from ..core.loader import BucketSnapshot
 from .divergence import Fork
 
 __all__ = ["Drift", "ReconcileReport", "reconcile", "scan_account_hashes", "scan_accounts"]
@@ -125,6 +135,9 @@ def _check(
     # be newer, so an account that moved shows as Redis ahead, never behind.
     pg = account_states(conn, settings.pg_schema, ordered)
     ledger = ledger_sums(conn, settings.pg_schema, ordered)
+    pg_buckets = bucket_rows(conn, settings.pg_schema, ordered)
+    remaining = bucket_remaining(conn, settings.pg_schema, ordered)
+    bucket_sums = ledger_bucket_sums(conn, settings.pg_schema, ordered)
     forks: dict[str, list[Fork]] = {}
     for row in forks_of(conn, settings.pg_schema, ordered):
         forks.setdefault(row[0], []).append(Fork.from_row(row))
@@ -132,7 +145,7 @@ def _check(
     report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live = _redis_states(topology, keys, ordered, homes)
+    live, packed = _redis_states(topology, keys, ordered, homes)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -169,10 +182,15 @@ def _check(
                 )
             elif redis_state != expected:
                 problems.append(f"Redis holds {redis_state}, expected {expected}")
+            else:
+                folded = _folded(pg_buckets.get(account, {}), unapplied)
+                problems += _bucket_problems(unpack_buckets(packed.get(account)), folded)
         elif unapplied:
             problems.append(f"{len(unapplied)} journal entries for an account Redis does not have")
         if pg_state is not None and account in ledger:
             problems += _ledger_problems(pg_state, ledger[account])
+            if ledger[account][3] == 1:  # the whole history: every bucket's changes
+                problems += _bucket_sum_problems(account, remaining, bucket_sums)
         if problems and not final and _may_be_in_flight(problems):
             moving.add(account)
             continue
@@ -199,6 +217,62 @@ def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:
             f"the account row holds {pg_state[0]} and {pg_state[1]}"
         )
     return problems
+
+
+def _folded(rows: dict[str, BucketRow], unapplied: list[JournalEntry]) -> dict[str, BucketSnapshot]:
+    """PostgreSQL's buckets with the journal not yet applied folded in, as Redis must hold them."""
+    rows = copy.deepcopy(rows)
+    for entry in sorted(unapplied, key=lambda e: e.seq):
+        fold_entry(rows, entry)
+    return open_snapshots(rows)
+
+
+def _describe(b: BucketSnapshot) -> str:
+    expires = "never expires" if b.expires_ms == 0 else f"expires at {b.expires_ms}"
+    return (
+        f"{'pending' if b.pending else 'live'}, {b.remaining} left of {b.granted}, "
+        f"category {b.category}, priority {b.priority}, effective at {b.effective_ms}, "
+        f"{expires}, made at {b.created_ms}"
+    )
+
+
+def _bucket_problems(
+    in_redis: dict[str, BucketSnapshot], expected: dict[str, BucketSnapshot]
+) -> list[str]:
+    problems = []
+    for bucket in sorted(in_redis.keys() | expected.keys()):
+        theirs, ours = in_redis.get(bucket), expected.get(bucket)
+        if ours is None and theirs is not None:
+            problems.append(
+                f"bucket {bucket!r} is in Redis ({_describe(theirs)}) but neither open in "
+                "PostgreSQL nor in the journal"
+            )
+        elif theirs is None and ours is not None:
+            problems.append(
+                f"bucket {bucket!r} is open in PostgreSQL and the journal ({_describe(ours)}) "
+                "but not in Redis"
+            )
+        elif theirs != ours and theirs is not None and ours is not None:
+            differ = [
+                f"{f.name} {getattr(theirs, f.name)} in Redis, {getattr(ours, f.name)} in "
+                "PostgreSQL and the journal"
+                for f in dataclasses.fields(BucketSnapshot)
+                if getattr(theirs, f.name) != getattr(ours, f.name)
+            ]
+            problems.append(f"bucket {bucket!r} differs: {'; '.join(differ)}")
+    return problems
+
+
+def _bucket_sum_problems(
+    account: str, remaining: dict[tuple[str, str], int], sums: dict[tuple[str, str], int]
+) -> list[str]:
+    buckets = {b for a, b in remaining.keys() | sums.keys() if a == account}
+    return [
+        f"ledger's changes of bucket {bucket!r} sum to {sums.get((account, bucket), 0)}, "
+        f"its buckets row holds {remaining.get((account, bucket), 0)} remaining"
+        for bucket in sorted(buckets)
+        if sums.get((account, bucket), 0) != remaining.get((account, bucket), 0)
+    ]
 
 
 def scan_accounts(source: Topology | redis.Redis, keys: KeySpace) -> Iterator[str]:
@@ -251,16 +325,19 @@ def _journal(
 
 def _redis_states(
     topology: Topology, keys: KeySpace, accounts: list[str], homes: dict[str, set[str]]
-) -> dict[str, AccountState]:
+) -> tuple[dict[str, AccountState], dict[str, bytes]]:
+    """Each account's balances, plan and sequence number, and its packed buckets (field B)."""
     reads, read_for = [], []
     for account in accounts:
         # A tree's member: its hash in its root's partition, a stub in its own.
         for key in sorted(homes.get(account) or {keys.for_account(account).hash}):
-            reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s"))
+            reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s", "B"))
             read_for.append(account)
-    states = {}
+    states, packed = {}, {}
     for account, values in zip(read_for, run_commands(topology, reads).checked(), strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))
-    return states
+            if values[4] is not None:
+                packed[account] = values[4]
+    return states, packed

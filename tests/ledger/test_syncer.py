@@ -421,11 +421,16 @@ def test_migrations_twice_and_concurrently(postgres_url: str, pg_schema: str) ->
     assert sorted(results) == [[], [], [], every]
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         assert migrate(conn, pg_schema) == []
-        # The CHECK constraints keep balances non-negative even for direct writes.
+        # The CHECK constraints keep chat messages non-negative even for direct
+        # writes; credits go below zero within a plan's overdraft.
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(
-                f'INSERT INTO "{pg_schema}".accounts (account, credits) VALUES (%s, -1)', ["x"]
+                f'INSERT INTO "{pg_schema}".accounts (account, chat_messages) VALUES (%s, -1)',
+                ["x"],
             )
+        conn.execute(
+            f'INSERT INTO "{pg_schema}".accounts (account, credits) VALUES (%s, -1)', ["y"]
+        )
 
 
 async def test_racing_hydration_from_postgres(pg_settings: Settings, pg) -> None:
