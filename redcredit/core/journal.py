@@ -51,6 +51,14 @@ LEDGER_COLUMNS = (
     "grant_expires_at",
     "grant_amount",
     "grant_created_at",
+    "level",
+    "via",
+    "parent",
+    "root",
+    "cap",
+    "cap_window",
+    "cap_credits",
+    "cap_messages",
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -115,6 +123,16 @@ class JournalEntry:
     # A re-base: every bucket of the account besides the base bucket, as Redis
     # has them after it (their changes on the fork were kept apart).
     bucket_snapshot: tuple[BucketSnapshot, ...] | None = None
+    # On a path of a tree: the account's depth (1 the root) and, on an
+    # ancestor's entry, the account the call was for.
+    level: int | None = None
+    via: str | None = None
+    # 'attach': where the account was placed; 'cap': the cap set ('' removed).
+    parent: str | None = None
+    root: str | None = None
+    cap: str | None = None
+    # A capped level: its window's start and what was charged through it then.
+    cap_use: tuple[int, int, int] | None = None
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -129,6 +147,11 @@ class JournalEntry:
     @property
     def touches_buckets(self) -> bool:
         return bool(self.bucket or self.bucket_changes) or self.bucket_snapshot is not None
+
+    @property
+    def touches_tree(self) -> bool:
+        """Places the account in a tree, sets its cap, or changes the cap's use."""
+        return self.root is not None or self.cap is not None or self.cap_use is not None
 
     def ledger_row(self) -> tuple[Any, ...]:
         grant = self.grant
@@ -157,6 +180,12 @@ class JournalEntry:
             None if grant is None or grant.expires_ms == 0 else instant(grant.expires_ms),
             None if grant is None else grant.granted,
             None if grant is None else instant(grant.created_ms),
+            self.level,
+            self.via,
+            self.parent,
+            self.root,
+            self.cap,
+            *(self.cap_use or (None, None, None)),
         )
 
 
@@ -242,4 +271,12 @@ def parse_entry(stream: Any, stream_id: Any, raw: Any) -> JournalEntry:
         bucket_changes=_bucket_changes(fields.get("bk")),
         grant=_grant(fields),
         bucket_snapshot=_snapshot(fields.get("bs")),
+        level=_optional_int(fields, "lv"),
+        via=fields.get("v"),
+        parent=fields.get("pa"),
+        root=fields.get("ro"),
+        cap=fields.get("K"),
+        cap_use=(
+            (int(fields["kw"]), int(fields["kc"]), int(fields["km"])) if "kw" in fields else None
+        ),
     )

@@ -81,11 +81,13 @@ def apply_entries(
         "ON CONFLICT (account, seq) DO NOTHING"
     ).format(schema=schema_id, columns=columns)
     bucketed = [entry for entry in entries if entry.touches_buckets]
-    if not bucketed:
+    treed = [entry for entry in entries if entry.touches_tree]
+    fresh: set[tuple[str, int]] = set()
+    if not bucketed and not treed:
         # Most batches: no row to send back.
         conn.execute(insert)
     else:
-        # Only the entries that made a new row change the buckets.
+        # Only the entries that made a new row change the buckets and the tree.
         returning = sql.SQL("{} RETURNING account, seq").format(insert)
         fresh = {(account, seq) for account, seq in conn.execute(returning)}
         touching: dict[tuple[str, int], JournalEntry] = {}
@@ -108,7 +110,46 @@ def apply_entries(
             "WHERE a.last_seq < EXCLUDED.last_seq"
         ).format(schema=schema_id)
     )
+    if treed:
+        apply_tree_entries(conn, schema, [e for e in treed if e.position in fresh])
     return {(account, seq) for account, seq in waiting}
+
+
+def apply_tree_entries(
+    conn: psycopg.Connection[Any], schema: str, entries: Sequence[JournalEntry]
+) -> None:
+    """Where accounts sit in their trees, their caps and the caps' use, from new entries:
+    the newest of each kind per account wins."""
+    placed: dict[str, tuple[int, str | None, str | None]] = {}
+    capped: dict[str, tuple[int, str | None]] = {}
+    used: dict[str, tuple[int, tuple[int, int, int]]] = {}
+    for e in sorted(entries, key=lambda entry: entry.seq):
+        if e.root is not None:
+            placed[e.account] = (e.seq, e.parent, e.root)
+        if e.cap is not None:
+            capped[e.account] = (e.seq, e.cap or None)
+        if e.cap_use is not None:
+            used[e.account] = (e.seq, e.cap_use)
+    table = sql.Identifier(schema)
+    updates: list[tuple[str, list[tuple[Any, ...]]]] = [
+        (
+            "UPDATE {}.accounts SET parent = %s, root = %s WHERE account = %s",
+            [(parent, root, account) for account, (_s, parent, root) in sorted(placed.items())],
+        ),
+        (
+            "UPDATE {}.accounts SET cap = %s WHERE account = %s",
+            [(cap, account) for account, (_s, cap) in sorted(capped.items())],
+        ),
+        (
+            "UPDATE {}.accounts SET cap_window = %s, cap_credits = %s, cap_messages = %s "
+            "WHERE account = %s",
+            [(*use, account) for account, (_s, use) in sorted(used.items())],
+        ),
+    ]
+    with conn.cursor() as cursor:
+        for statement, rows in updates:
+            if rows:
+                cursor.executemany(sql.SQL(statement).format(table), rows)
 
 
 # -- divergence (the syncer): a history in Redis that forked from the ledger ---------------------

@@ -47,7 +47,8 @@ RESTORED_KEYS_MAX = 1_000
 @lru_cache(maxsize=16)
 def _account_query(schema: str) -> sql.Composed:
     return sql.SQL(
-        "SELECT credits, chat_messages, plan, last_seq FROM {}.accounts WHERE account = %s"
+        "SELECT credits, chat_messages, plan, last_seq, parent, root, cap, cap_window, "
+        "cap_credits, cap_messages FROM {}.accounts WHERE account = %s"
     ).format(sql.Identifier(schema))
 
 
@@ -125,7 +126,8 @@ def snapshot_from_row(
     """
     if row is None:
         return defaults
-    credits, chat_messages, plan, last_seq = row
+    credits, chat_messages, plan, last_seq, parent, root, cap, window, charged, messages = row
+    cap_use = "" if window is None else f"{window},{charged},{messages}"
     # Rows imported from an older system may hold NULLs: they count as 0.
     return AccountSnapshot(
         credits=credits or 0,
@@ -137,6 +139,10 @@ def snapshot_from_row(
             row.snapshot(bucket)
             for bucket, row in sorted(map(bucket_from_row, buckets), key=lambda b: b[0])
         ),
+        parent=parent,
+        root=root,
+        cap=cap or "",
+        cap_use=cap_use if cap else "",
     )
 
 
