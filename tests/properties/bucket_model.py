@@ -102,6 +102,8 @@ class Bucket:
     created: Instant
     granted: int
     live: bool
+    # The model's own: the order grants were made in, for picking one whatever its id.
+    made: int = 0
 
 
 @dataclass
@@ -168,8 +170,9 @@ class Ledger:
         self.origin = origin
         self.order = "".join(_CRITERIA[c] for c in grants.burn_order)
         self.ranks = {name: i for i, name in enumerate(grants.categories, start=1)}
-        # What happened, for the test's statistics (hypothesis.event).
+        # What happened, for the test's statistics.
         self.happened: list[str] = []
+        self.grants_made = 0
 
     # -- accounts and order --------------------------------------------------------------------
 
@@ -394,8 +397,19 @@ class Ledger:
         if sum(b.id not in (BASE, REFILL) for b in acct.buckets) >= self.grants.max_grants:
             raise Refused("TooManyGrants")
         live = effective.model <= now.model
+        self.grants_made += 1
         bucket = Bucket(
-            bucket_id, credits, 0, priority, category, effective, expires, now, credits, live
+            bucket_id,
+            credits,
+            0,
+            priority,
+            category,
+            effective,
+            expires,
+            now,
+            credits,
+            live,
+            self.grants_made,
         )
         acct.buckets.append(bucket)
         return acct
