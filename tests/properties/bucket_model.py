@@ -59,15 +59,20 @@ class Clock:
         self.calls += 1
         return self.calls
 
-    def learn(self, instant: Instant, server_offset: int) -> None:
-        """``server_offset``: the server's value minus the run's origin."""
+    def learn(self, instant: Instant, server_offset: int) -> int | None:
+        """``server_offset``: the server's value minus the run's origin.
+
+        Returns the call's lag when it was not known yet, for the caller to
+        bound by the lag so far.
+        """
         lag = server_offset - instant.model
         if instant.call == 0:
             assert lag == 0, (instant, server_offset)
-            return
+            return None
         assert lag >= 1, (instant, server_offset)
         known = self.lags.setdefault(instant.call, lag)
         assert known == lag, ("one call, two clocks", instant, known, lag)
+        return lag if known is lag else None
 
     def offset(self, instant: Instant) -> int | None:
         """The server's value minus the origin, when known."""

@@ -72,6 +72,8 @@ STEP_MS = 2**18
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EXAMPLES = int(os.environ.get("REDCREDIT_MODEL_EXAMPLES", "12"))
 FREE_CREDITS = 50
+# Entries a call journals for what time did before it: they carry the call's key.
+TIME_OPS = {"open", "lapse", "expire", "effective", "refill"}
 # What the runs did (refusals, expiries, moved holds...), printed under ``pytest -s``.
 SEEN: collections.Counter[str] = collections.Counter()
 
@@ -100,6 +102,12 @@ PLANS = {
             expires_in=_steps(2),
             category="paid",
             priority=45,
+        )
+    ),
+    # Refills that outlive their period: each refill moves the kept credits' expiry on.
+    "addall": PlanSettings(
+        refill=RefillSettings(
+            credits=30, every=_steps(3), mode="add", expires_in=_steps(4), priority=55
         )
     ),
     "postrefill": PlanSettings(
@@ -243,7 +251,10 @@ class BucketMachine(RuleBasedStateMachine):
         time.sleep(0.001)
 
     def learn(self, instant: Instant, server_ms: int) -> None:
-        self.clock.learn(instant, server_ms - self.origin)
+        lag = self.clock.learn(instant, server_ms - self.origin)
+        if lag is not None:
+            # A call's clock: the model's, plus no more lag than the run has built up so far.
+            assert lag <= self.server_ms() - self.origin + 1, (instant, lag)
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -314,7 +325,7 @@ class BucketMachine(RuleBasedStateMachine):
         self.ledger.happened.clear()
         balance = self.client.balance(account)
         self.learn(Instant(self.now, call), balance.server_time_ms)
-        assert self.server_ms() - self.origin - self.now < STEP_MS // 4, "too slow for the steps"
+        assert self.server_ms() - self.origin + 1 < STEP_MS // 4, "too slow for the steps"
         listed = {b.id: b for b in balance.buckets}
         assert set(listed) == {b.id for b in m.buckets}
         for b in m.buckets:
@@ -330,6 +341,10 @@ class BucketMachine(RuleBasedStateMachine):
         # Invariants on the server's own numbers.
         assert balance.credits == sum(b.remaining for b in balance.buckets if b.live)
         assert balance.held == sum(b.held for b in balance.buckets)
+        # Only the base bucket goes below zero or holds more than it has (an overdraft); a
+        # pending bucket backs nothing.
+        for b in balance.buckets:
+            assert b.id == BASE or (0 <= b.held <= b.remaining and (b.live or not b.held)), b
         floor = max((PLANS[p].overdraft for p in m.overdrawn_plans | {m.plan}), default=0)
         assert balance.available >= -floor
         self.check_holds(m, listed)
@@ -380,8 +395,9 @@ class BucketMachine(RuleBasedStateMachine):
         }
 
     def check_journal(self, m: Account, sequence: int, credits: int) -> None:
-        """Conservation: the account's entries sum to its credits, and each bucket's to its
-        remaining; an entry without bucket changes is the base bucket's (the plain path)."""
+        """Conservation, entry by entry: the credits after each entry are the sum of the
+        changes so far, and so is each bucket's remaining (``bk``: id, change, remaining
+        after); an entry without bucket changes is the base bucket's (the plain path)."""
         journal = self.client.engine.keys.for_account(m.name).journal
         entries = [
             {k.decode(): v.decode() for k, v in entry.items()}
@@ -389,23 +405,25 @@ class BucketMachine(RuleBasedStateMachine):
             if entry[b"a"] == m.name.encode()
         ]
         assert [int(e["s"]) for e in entries] == list(range(1, sequence + 1))
-        assert sum(int(e["dc"]) for e in entries) == credits
-        sums: dict[str, int] = {BASE: 0}
-        after: dict[str, int] = {}
+        # Each keyed call applied once: one entry of its own per key (what time did before
+        # it, journaled by the same call, carries the key too).
+        own = [e["k"] for e in entries if "k" in e and e["op"] not in TIME_OPS]
+        assert len(own) == len(set(own)), own
+        total, sums = 0, {BASE: 0}
         for e in entries:
+            total += int(e["dc"])
+            assert int(e["c"]) == total, e
             if "bk" not in e:
                 sums[BASE] += int(e["dc"])
                 continue
             for change in e["bk"].split(","):
                 bucket_id, delta, left = change.rsplit(":", 2)
                 sums[bucket_id] = sums.get(bucket_id, 0) + int(delta)
-                after[bucket_id] = int(left)
+                assert sums[bucket_id] == int(left), (bucket_id, e)
+        assert total == credits
         remaining = {b.id: b.remaining for b in m.buckets}
         assert {i: n for i, n in sums.items() if n or i == BASE} == {
             i: n for i, n in remaining.items() if n or i == BASE
-        }
-        assert {i: n for i, n in after.items() if i != BASE} == {
-            i: remaining.get(i, 0) for i in after if i != BASE
         }
 
     # -- rules ---------------------------------------------------------------------------------
