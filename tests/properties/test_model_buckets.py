@@ -70,7 +70,7 @@ from .bucket_model import BASE, Account, Bucket, Clock, Instant, Ledger, Refused
 
 STEP_MS = 2**18
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-EXAMPLES = int(os.environ.get("REDCREDIT_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("REDCREDIT_MODEL_EXAMPLES", "40"))
 FREE_CREDITS = 50
 # Entries a call journals for what time did before it: they carry the call's key.
 TIME_OPS = {"open", "lapse", "expire", "effective", "refill"}
