@@ -59,15 +59,20 @@ class Clock:
         self.calls += 1
         return self.calls
 
-    def learn(self, instant: Instant, server_offset: int) -> None:
-        """``server_offset``: the server's value minus the run's origin."""
+    def learn(self, instant: Instant, server_offset: int) -> int | None:
+        """``server_offset``: the server's value minus the run's origin.
+
+        Returns the call's lag when it was not known yet, for the caller to
+        bound by the lag so far.
+        """
         lag = server_offset - instant.model
         if instant.call == 0:
             assert lag == 0, (instant, server_offset)
-            return
+            return None
         assert lag >= 1, (instant, server_offset)
         known = self.lags.setdefault(instant.call, lag)
         assert known == lag, ("one call, two clocks", instant, known, lag)
+        return lag if known is lag else None
 
     def offset(self, instant: Instant) -> int | None:
         """The server's value minus the origin, when known."""
@@ -102,6 +107,8 @@ class Bucket:
     created: Instant
     granted: int
     live: bool
+    # The model's own: the order grants were made in, for picking one whatever its id.
+    made: int = 0
 
 
 @dataclass
@@ -168,8 +175,9 @@ class Ledger:
         self.origin = origin
         self.order = "".join(_CRITERIA[c] for c in grants.burn_order)
         self.ranks = {name: i for i, name in enumerate(grants.categories, start=1)}
-        # What happened, for the test's statistics (hypothesis.event).
+        # What happened, for the test's statistics.
         self.happened: list[str] = []
+        self.grants_made = 0
 
     # -- accounts and order --------------------------------------------------------------------
 
@@ -394,8 +402,19 @@ class Ledger:
         if sum(b.id not in (BASE, REFILL) for b in acct.buckets) >= self.grants.max_grants:
             raise Refused("TooManyGrants")
         live = effective.model <= now.model
+        self.grants_made += 1
         bucket = Bucket(
-            bucket_id, credits, 0, priority, category, effective, expires, now, credits, live
+            bucket_id,
+            credits,
+            0,
+            priority,
+            category,
+            effective,
+            expires,
+            now,
+            credits,
+            live,
+            self.grants_made,
         )
         acct.buckets.append(bucket)
         return acct
