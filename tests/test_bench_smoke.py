@@ -7,14 +7,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from bench import bucket_profile, scope_profile
 from bench.__main__ import parse
 from bench.sections import NAMES, SECTIONS
 from bench.sections import buckets as buckets_section
 from bench.sections import cluster as cluster_section
 from bench.sections import scopes as scopes_section
+from redcredit.core.scripts import load_scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,6 +149,16 @@ def test_quick_scopes_section_compares_paths_with_a_plain_account(tmp_path: Path
     summary = data["extra"]["scopes: redcredit spend on a path, 4 levels, team capped"]
     assert "us in the script (commandstats)" in summary and "over plain account" in summary
     assert data["extra"]["scopes: load average (1 min), before and after"].count(",") == 1
+
+
+@pytest.mark.parametrize("profile", [bucket_profile, scope_profile], ids=["buckets", "scopes"])
+def test_every_profile_variant_still_finds_the_step_it_takes_out(profile: ModuleType) -> None:
+    """A variant whose step the debit script no longer has would measure the script unchanged."""
+    shipped = load_scripts()["debit"].source
+    found = dict(profile.variants(shipped))
+    assert found["as shipped"] == shipped
+    assert {name for name, _, _ in profile.VARIANTS} <= set(found)
+    assert len(set(found.values())) == len(found)  # each variant a script of its own
 
 
 @pytest.mark.parametrize("name", NAMES)
