@@ -22,14 +22,14 @@ only, and bounds every load both in time (``--seconds`` per run) and in count
 ``db``      the database-only design, ``UPDATE accounts SET credits = credits - $1
             WHERE id = $2 AND credits >= $1 RETURNING credits`` through a psycopg
             async pool, on one hot row and spread over 10k rows, at 1..256 callers.
-            (The embedded PostgreSQL runs durably, fsync and synchronous commit on,
-            as a system of record does.)
+            (PostgreSQL runs durably, fsync and synchronous commit on, as a system of record.)
 ``limits``  the ``limits`` library (limits.aio, moving window at every concurrency,
             fixed window at 64) against the same Redis.
 ``reserve`` a reserve -> settle cycle (two scripts), 64 callers, one account each.
 ``chat``    ``chat_turn`` with two rate limits configured (large, so none refuses).
 ``buckets`` async spend at 64 callers, plain and with 1, 8, 32 credit buckets (reserve -> settle:
             plain, 8), same run: calls/s over plain, Redis CPU per script call (commandstats).
+``scopes``  the same on paths of 1 to 4 levels (the root pays), and 3 levels with 8 buckets.
 ``spread``  ``AsyncRedCredit.spend`` at 64 callers over 10k accounts (vs one hot one).
 ``syncer``  the syncer's drain rate into PostgreSQL, and the lag it reaches while
             spends run (the logic of ``bench/write_behind.py``).

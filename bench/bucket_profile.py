@@ -102,6 +102,8 @@ FUNCTIONS = {
     "luaRedisCallCommand": "redis.call (HMGET, HSET, HINCRBY, XADD, TIME)",
     "xaddCommand": "  XADD",
     "hsetCommand": "  HSET",
+    "hmgetCommand": "  HMGET",
+    "hincrbyCommand": "  HINCRBY",
     "mp_unpack": "cmsgpack.unpack",
     "mp_pack": "cmsgpack.pack",
     "table_is_an_array": "  pack's check that each table is an array",
@@ -112,6 +114,7 @@ FUNCTIONS = {
     "luaM_realloc_": "Lua allocations",
     "newkey": "new keys in Lua tables",
     "str_format": "string.format",
+    "str_find_aux": "string.find (the rules: a plan's line, calendar starts)",
     "gmatch_aux": "split (string.gmatch)",
     "readQueryFromClient": "reading and running the request",
 }
@@ -284,7 +287,7 @@ def profile(url: str, reader: Reader, calls: int) -> None:
         print(f"| {FUNCTION_ROW} | " + " | ".join(f"{c / calls:,.1f}" for c in cells) + " |")
         pieces(conn, reader, settings, targets, calls)
     for setup, found in functions.items():
-        _print_functions(setup, found, calls)
+        print_functions(setup, found, calls)
 
 
 def pieces(
@@ -353,7 +356,7 @@ def _inclusive(text: str) -> dict[str, int]:
     return found
 
 
-def _print_functions(setup: str, profile: dict[str, int], calls: int) -> None:
+def print_functions(setup: str, profile: dict[str, int], calls: int) -> None:
     total = profile.get("PROGRAM TOTALS", 0)
     print(f"\n{setup}: {total // calls:,} instructions per call, inclusive:")
     for function, what in FUNCTIONS.items():

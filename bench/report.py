@@ -15,7 +15,7 @@ import psycopg
 import redis
 
 from .harness import Point, Results
-from .sections import buckets, cluster
+from .sections import buckets, cluster, scopes
 
 
 def machine_info(redis_url: str, pg_url: str | None) -> dict[str, Any]:
@@ -101,6 +101,7 @@ def ratios(res: Results) -> list[dict[str, Any]]:
             )
         )
     out.extend(ratio_row(*row) for row in buckets.ratios(res))
+    out.extend(ratio_row(*row) for row in scopes.ratios(res))
     idle = res.memory.get("idle_account_bytes")
     out.append(
         ratio_row(

@@ -7,13 +7,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from bench import bucket_profile, scope_profile
 from bench.__main__ import parse
 from bench.sections import NAMES, SECTIONS
 from bench.sections import buckets as buckets_section
 from bench.sections import cluster as cluster_section
+from bench.sections import scopes as scopes_section
+from redcredit.core.scripts import load_scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,6 +117,48 @@ def test_quick_buckets_section_compares_bucket_accounts_with_plain_ones(tmp_path
     summary = data["extra"]["buckets: redcredit async spend, 8 buckets"]
     assert "us in the script (commandstats)" in summary and "over plain account" in summary
     assert data["extra"]["buckets: load average (1 min), before and after"].count(",") == 1
+
+
+def test_quick_scopes_section_compares_paths_with_a_plain_account(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--only", "scopes",
+            "--runs", "1", "--seconds", "0.2", "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    points = {p["system"]: p for p in data["points"] if p["section"] == "scopes"}
+    expected = {series.system(setup) for series in scopes_section.SERIES for setup in series.setups}
+    assert set(points) == expected
+    for point in points.values():
+        assert point["callers"] == 64 and point["rate"] > 0
+        assert point["redis_script_us_per_call"] > 0 and point["redis_cpu_us_per_call"] > 0
+    ratios = {r["measure"]: r for r in data["ratios"]}
+    target = ratios[
+        "spend on a path, 3 levels, team capped, 8 buckets at org / plain account, 64 callers"
+    ]
+    assert target["target"] == ">= 0.7x" and target["status"] in {"met", "MISSED"}
+    for path in ("1 level", "2 levels", "3 levels, team capped", "4 levels, team capped"):
+        row = ratios[f"spend on a path, {path} / plain account, 64 callers"]
+        assert row["status"] == "reported" and row["value"] > 0
+    cycle = "reserve -> settle on a path, 3 levels, team capped / plain account, 64 callers"
+    assert ratios[cycle]["value"] > 0
+    summary = data["extra"]["scopes: redcredit spend on a path, 4 levels, team capped"]
+    assert "us in the script (commandstats)" in summary and "over plain account" in summary
+    assert data["extra"]["scopes: load average (1 min), before and after"].count(",") == 1
+
+
+@pytest.mark.parametrize("profile", [bucket_profile, scope_profile], ids=["buckets", "scopes"])
+def test_every_profile_variant_still_finds_the_step_it_takes_out(profile: ModuleType) -> None:
+    """A variant whose step the debit script no longer has would measure the script unchanged."""
+    shipped = load_scripts()["debit"].source
+    found = dict(profile.variants(shipped))
+    assert found["as shipped"] == shipped
+    assert {name for name, _, _ in profile.VARIANTS} <= set(found)
+    assert len(set(found.values())) == len(found)  # each variant a script of its own
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,6 +16,7 @@ from . import (
     limits,
     memory,
     reservations,
+    scopes,
     write_behind,
 )
 
@@ -55,6 +56,7 @@ SECTIONS = (
     Section("reserve", reservations.run_reserve),
     Section("chat", reservations.run_chat),
     Section("buckets", buckets.run),
+    Section("scopes", scopes.run),
     Section("spread", clients.run_spread),
     Section("syncer", write_behind.run_syncer, postgres=True),
     Section("memory", memory.run),

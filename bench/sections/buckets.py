@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from redcredit import AsyncRedCredit, Settings
+from redcredit import AsyncRedCredit, Scope, Settings
 
 from ..harness import (
     Call,
@@ -48,19 +48,28 @@ CALLERS = 64
 # Credits of each grant: more than every run of a point can spend (runs x max_ops).
 GRANT_CREDITS = 10**12
 Prepare = Callable[[AsyncRedCredit, str], Awaitable[None]]
-Operation = Callable[[AsyncRedCredit, str], Awaitable[object]]
+Operation = Callable[[AsyncRedCredit, str | Scope], Awaitable[object]]
 
 
 @dataclass(frozen=True)
 class AccountSetup:
     """One kind of account: its name in the results, what is done to a fresh account before
     the clock starts, how many buckets it then lists, and the settings it needs (over the
-    suite's; a later series, such as scope levels, may need its own)."""
+    suite's; a later series, such as scope levels, may need its own).
+
+    ``path`` makes the account the root of a tree and gives the path a call is made on (the
+    account alone without it); the buckets counted are the root's, since it pays."""
 
     name: str
     prepare: Prepare
     buckets: int
     settings: tuple[tuple[str, Any], ...] = ()
+    path: Callable[[str], Scope] | None = None
+    # A further check of the accounts after the runs (by the roots' names), if any.
+    check: Callable[[Settings, list[str]], None] | None = None
+
+    def target(self, account: str) -> str | Scope:
+        return account if self.path is None else self.path(account)
 
 
 @dataclass(frozen=True)
@@ -101,11 +110,11 @@ def with_buckets(n: int) -> AccountSetup:
 PLAIN = AccountSetup("plain account", _plain, 0)
 
 
-async def _spend(rc: AsyncRedCredit, account: str) -> None:
+async def _spend(rc: AsyncRedCredit, account: str | Scope) -> None:
     await rc.spend(account, cost=1)
 
 
-async def _cycle(rc: AsyncRedCredit, account: str) -> None:
+async def _cycle(rc: AsyncRedCredit, account: str | Scope) -> None:
     held = await rc.reserve(account, 10, ttl=60)
     await rc.settle(held, 5)
 
@@ -138,7 +147,7 @@ def prepare_accounts(
     async def go() -> None:
         async with AsyncRedCredit(settings=settings) as rc:
             await asyncio.gather(*(setup.prepare(rc, name) for name in names))
-            await asyncio.gather(*(series.operation(rc, name) for name in names))
+            await asyncio.gather(*(series.operation(rc, setup.target(name)) for name in names))
 
     asyncio.run(go())
     check_buckets(settings, setup, names)
@@ -165,11 +174,18 @@ def load(
     settings = rc_settings(url, **dict(setup.settings))
     names = accounts(series, setup)
     prepare_accounts(settings, series, setup, names)
+    targets = [setup.target(name) for name in names]
 
     def make(rc: AsyncRedCredit, i: int) -> Call:
-        return lambda: series.operation(rc, names[i])
+        return lambda: series.operation(rc, targets[i])
 
     run_once = async_run(cfg, with_client(settings, make), CALLERS)
+
+    def check() -> None:
+        check_buckets(settings, setup, names)
+        if setup.check is not None:
+            setup.check(settings, names)
+
     return (
         Load(
             series.system(setup),
@@ -178,19 +194,26 @@ def load(
             series.note,
             after=lambda: trim_journals(settings),
         ),
-        lambda: check_buckets(settings, setup, names),
+        check,
     )
 
 
 def run(cfg: Config, servers: Servers, res: Results) -> None:
-    url = servers.redis_url
+    run_series(cfg, servers.redis_url, "buckets", SERIES, res)
+
+
+def run_series(
+    cfg: Config, url: str, section: str, all_series: tuple[Series, ...], res: Results
+) -> None:
+    """Measures each series' setups side by side, checks them, and writes their summaries
+    under ``section`` in the results' extras."""
     # Client and Redis share the cores with whatever else runs: the ratios need to say how busy.
     before = os.getloadavg()[0]
-    for series in SERIES:
+    for series in all_series:
         loads, checks = zip(
             *(load(cfg, url, series, setup) for setup in series.setups), strict=True
         )
-        points = measure_alternating(cfg, url, "buckets", loads)
+        points = measure_alternating(cfg, url, section, loads)
         for check in checks:
             check()
         base = points[0]
@@ -211,8 +234,8 @@ def run(cfg: Config, servers: Servers, res: Results) -> None:
                     f"Redis CPU per script call {_over(point, base, 'redis_script_us_per_call')} "
                     f"(script), {_over(point, base, 'redis_cpu_us_per_call')} (server)"
                 )
-            res.extra[f"buckets: {series.system(setup)}"] = summary
-    res.extra["buckets: load average (1 min), before and after"] = (
+            res.extra[f"{section}: {series.system(setup)}"] = summary
+    res.extra[f"{section}: load average (1 min), before and after"] = (
         f"{before:.2f}, {os.getloadavg()[0]:.2f}"
     )
 
@@ -222,16 +245,25 @@ def _over(point: Point, base: Point, attribute: str) -> str:
     return f"{num / den:.2f}x" if num is not None and den else "-"
 
 
-def ratios(res: Results) -> list[tuple[str, float | None, str, bool | None]]:
+Ratio = tuple[str, float | None, str, bool | None]
+
+
+def ratios(res: Results) -> list[Ratio]:
+    return series_ratios(res, SERIES, TARGETS)
+
+
+def series_ratios(
+    res: Results, all_series: tuple[Series, ...], targets: dict[tuple[str, str], float]
+) -> list[Ratio]:
     """Each setup's calls/s over its series' first setup, at 64 callers: (measure, value,
     target, met), where met is None for a ratio reported without a target."""
-    rows: list[tuple[str, float | None, str, bool | None]] = []
-    for series in SERIES:
+    rows: list[Ratio] = []
+    for series in all_series:
         base = res.find(series.system(series.setups[0]), CALLERS)
         for setup in series.setups[1:]:
             point = res.find(series.system(setup), CALLERS)
             value = point.rate / base.rate if point and base else None
-            target = TARGETS.get((series.name, setup.name))
+            target = targets.get((series.name, setup.name))
             name = f"{series.name}, {setup.name} / {series.setups[0].name}, {CALLERS} callers"
             if target is None:
                 rows.append((name, value, "-", None))
