@@ -320,7 +320,8 @@ end
 -- The credits of a refill period: the refill bucket keeps what the rollover
 -- allows of its remaining (all, none, or up to a cap; never what live holds
 -- need), then gets the amount ('add') or what tops the balance up to it
--- ('top_up_to'), and a new expiry.
+-- ('top_up_to'), and a new expiry, never before the deadline of a hold it
+-- backs.
 local function refill_credits(amount, mode, rollover, expires_ms, category, priority, period_start)
   load_buckets()
   local b = ctx.bidx[REFILL]
@@ -339,6 +340,13 @@ local function refill_credits(amount, mode, rollover, expires_ms, category, prio
   local add = amount
   if mode == 't' then add = math.max(amount - ctx.credits, 0) end
   if expires ~= 0 and expires <= ctx.now then add = 0 end
+  if b and b[BHELD] > 0 and expires ~= 0 then
+    -- A live hold is always backed: credits it holds on the bucket last
+    -- until the latest deadline among the account's holds, whatever the
+    -- plan's refills now say.
+    local latest = redis.call('ZRANGE', ctx.holds, -1, -1, 'WITHSCORES')
+    if latest[2] then expires = math.max(expires, tonumber(latest[2])) end
+  end
   if not b then
     if add == 0 then
       save_balances()

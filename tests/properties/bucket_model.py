@@ -279,6 +279,14 @@ class Ledger:
                 return
             b = Bucket(REFILL, 0, 0, 0, "", made, None, made, 0, True)
             acct.buckets.append(b)
+        if b.held and expires is not None and acct.holds:
+            # Credits a live hold has on the bucket last until the latest deadline.
+            latest = max(
+                (h.deadline for h in acct.holds.values()),
+                key=functools.cmp_to_key(self.clock.compare),
+            )
+            if self.clock.compare(latest, expires) > 0:
+                expires = latest
         b.priority, b.category, b.expires = settings.priority, settings.category, expires
         b.created, b.granted = made, add
         b.remaining += add
