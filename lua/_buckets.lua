@@ -261,7 +261,7 @@ end
 local function prune_lapsed_holds()
   -- Holds are never of zero (but where a cap counts them, see _scopes.lua),
   -- so no held credits means no holds to look at.
-  if ctx.held == 0 and not ctx.K then return end
+  if ctx.held == 0 and ctx.Kh == 0 then return end
   local lapsed = redis.call('ZRANGEBYSCORE', ctx.holds, '-inf', ctx.now)
   if #lapsed == 0 then return end
   for _, rid in ipairs(lapsed) do

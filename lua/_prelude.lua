@@ -89,10 +89,10 @@ end
 -- Loads the balances into ctx; false when the account is not in Redis yet and
 -- must be hydrated by the caller first.
 local function load_account()
-  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p', 'B', 'N', 'O', 'P', 'R', 'K')
+  local v = redis.call('HMGET', ctx.acct, 'c', 'm', 'h', 'p', 'B', 'N', 'O', 'P', 'R', 'K', 'Kh')
   -- A tree's member, or the stub it leaves in its own partition, and a cap
-  -- (see _scopes.lua).
-  ctx.P, ctx.R, ctx.K = v[8], v[9], v[10]
+  -- with what its live holds may charge (see _scopes.lua).
+  ctx.P, ctx.R, ctx.K, ctx.Kh = v[8], v[9], v[10], tonumber(v[11] or '0')
   if not v[1] then return false end
   ctx.credits, ctx.chat, ctx.held, ctx.plan =
     tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), v[4]
