@@ -351,7 +351,14 @@ local function drop_level_hold(rid)
   release_hold(rid, part)
   redis.call('HDEL', ctx.acct, 'r.' .. rid, 'y.' .. rid)
   redis.call('ZREM', ctx.holds, rid)
-  local cap = load_cap()
-  if cap and v[2] then cap.held = cap.held - tonumber(v[2]) end
+  if v[2] then
+    -- What the cap counted goes, even while the level has no cap.
+    local cap = load_cap()
+    if cap then
+      cap.held = cap.held - tonumber(v[2])
+    else
+      redis.call('HINCRBY', ctx.acct, 'Kh', 0 - tonumber(v[2]))
+    end
+  end
   return part
 end
