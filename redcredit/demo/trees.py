@@ -28,17 +28,17 @@ def play_buckets_and_tree(rc: RedCredit, run: str, show: Show) -> None:
     show("  ...1 s later", lambda: _buckets_left(rc, eve), eve)
 
     org = f"acme-{run}"
-    alice = Scope(org, "research", f"alice-{run}")
+    mia = Scope(org, "research", f"mia-{run}")
     rc.attach(Scope(org, "research"))
-    rc.attach(alice)
+    rc.attach(mia)
     show("grant(acme, 100)  # the org's pool", lambda: rc.grant(org, 100), org)
     show(
-        "set_cap(alice, Cap(credits=50))",
-        lambda: rc.set_cap(alice, Cap(credits=50, period="day")),
+        "set_cap(mia, Cap(credits=50))",
+        lambda: rc.set_cap(mia, Cap(credits=50, period="day")),
         org,
     )
     for _ in range(2):
-        show("spend(Scope(acme, …, alice), 40)", lambda: rc.spend(alice, cost=40), org)
+        show("spend(Scope(acme, …, mia), 40)", lambda: rc.spend(mia, cost=40), org)
 
 
 def _buckets_left(rc: RedCredit, account: str) -> str:

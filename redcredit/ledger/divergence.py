@@ -56,6 +56,7 @@ from ..backends.pipelines import run_scripts
 from ..backends.postgres import (
     RESTORED_KEYS_MAX,
     ForkRow,
+    account_roots,
     account_states,
     fork_entries,
     forks_of,
@@ -299,7 +300,11 @@ class Divergence:
                 self._due |= {row[0] for row in open_forks(conn, self.schema)}
                 self._next_sweep = time.monotonic() + self.settings.sync_claim_idle.total_seconds()
             # Another syncer's partitions are its own; a sweep finds them if they become ours.
-            mine = sorted(a for a in self._due if self.keys.partition(a) in partitions)
+            # A tree's member lives in its root's partition.
+            roots = account_roots(conn, self.schema, sorted(self._due))
+            mine = sorted(
+                a for a in self._due if self.keys.partition(roots.get(a, a)) in partitions
+            )
             forks = [Fork.from_row(row) for row in forks_of(conn, self.schema, mine)]
             plans = [plan for f in forks if f.is_open and (plan := self.plan(conn, f))]
         self._due = {plan.fork.account for plan in plans}
@@ -343,7 +348,9 @@ class Divergence:
                 repeats[0] += credit_delta
                 repeats[1] += chat_delta
         newest = max(entries, key=lambda row: stream_order(row[0]))
-        keys = self.keys.for_account(fork.account)
+        keys = self.keys.for_account(
+            fork.account, account_roots(conn, self.schema, [fork.account]).get(fork.account)
+        )
         restored = sorted(
             ((key, seq, left) for key, (seq, left) in applied.items() if left > 0),
             key=lambda record: record[1],

@@ -45,6 +45,10 @@ def test_demo_serves_the_gated_chat_api(
         printed = "".join(lines)
         run = re.search(r"Bearer alice-([0-9a-f]+)", printed)
         assert run is not None
+        # The scenario's buckets and tree: a promotional grant expired at its
+        # instant, and a user's cap refused the spend, naming the user.
+        assert "promotional expired; left: base 30" in printed
+        assert f"refused: CapReached mia-{run[1]}" in printed
         alice, broke, bursty = (f"{who}-{run[1]}" for who in ("alice", "broke", "bursty"))
         base = f"http://127.0.0.1:{port}"
 

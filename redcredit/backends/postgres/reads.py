@@ -18,6 +18,7 @@ __all__ = [
     "AccountState",
     "LedgerSums",
     "account_ids",
+    "account_roots",
     "account_states",
     "ledger_of",
     "ledger_size",
@@ -163,6 +164,16 @@ def account_states(
     ).format(sql.Identifier(schema))
     rows = conn.execute(query, [list(accounts)])
     return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
+
+def account_roots(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, str]:
+    """The root of the tree of each of these accounts that is a tree's member."""
+    query = sql.SQL(
+        "SELECT account, root FROM {}.accounts WHERE account = ANY(%s) AND root IS NOT NULL"
+    ).format(sql.Identifier(schema))
+    return {account: root for account, root in conn.execute(query, [list(accounts)])}
 
 
 def ledger_sums(
