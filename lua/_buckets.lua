@@ -80,6 +80,19 @@ local function load_buckets()
   read_grant_settings()
   if ctx.B then
     ctx.bk = cmsgpack.unpack(ctx.B)
+    -- The base bucket holds whatever the other buckets do not: scripts of a
+    -- release before buckets, still running in a rolling upgrade, change c
+    -- and h alone, and their change lands here.
+    local rest, held, base = ctx.credits, ctx.held, nil
+    for _, b in ipairs(ctx.bk) do
+      if b[BID] == BASE then
+        base = b
+      else
+        if b[BLIVE] == 1 then rest = rest - b[BREM] end
+        held = held - b[BHELD]
+      end
+    end
+    if base then base[BREM], base[BHELD] = rest, held end
   else
     ctx.bk = {{BASE, ctx.credits, ctx.held, grant_priority, 'paid', 0, 0, 0, 0, 1}}
   end

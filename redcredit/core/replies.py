@@ -250,6 +250,11 @@ def limit_states(reply: Reply, start: int) -> tuple[LimitState, ...]:
 
 def spend_result(reply: Reply, *, account: str) -> SpendResult:
     """debit.lua: credits left, chat messages left, sequence, limit states."""
+    if int(reply[3]) == -1:
+        # Chat messages never go below zero: a reply stored by the scripts of
+        # a release before overdrafts, which said -1 for a bypassing plan's
+        # unlimited balances, replayed after the upgrade.
+        reply = [reply[0], reply[1], UNLIMITED, UNLIMITED, *reply[4:]]
     return SpendResult(
         account,
         _unlimited_as_none(reply[2]),
