@@ -11,6 +11,9 @@ Commands:
   populate  {"accounts": [...], "paid": [...], "seed": n}: grants, spends,
             chat turns, keyed calls, reservations (live, lapsing, settled)
   evict     {}: drops every idle account without holds that PostgreSQL holds
+  calls     {"calls": [{"op": name, "args": [...], "kwargs": {...},
+            "offset_ms": n}, ...]}: the client's methods, one after another,
+            with the server's clock moved on by ``offset_ms``; their results
   spend     {"accounts": [...], "paid": [...], "seed": n, "seconds": s,
             "stop": path, "calls": n}: a rolling upgrade's old client, until
             ``stop`` exists, ``seconds`` pass or it made ``calls`` calls
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import redcredit
-from redcredit import InsufficientFunds, RedCredit, Settings
+from redcredit import InsufficientFunds, RedCredit, ReservationRef, Settings
 
 
 class Tally:
@@ -171,7 +174,19 @@ def evict(rc: RedCredit, options: dict[str, Any]) -> dict[str, Any]:
     return {"outcomes": dict(report.outcomes)}
 
 
-COMMANDS = {"populate": populate, "spend": spend, "evict": evict}
+def calls(rc: RedCredit, options: dict[str, Any]) -> dict[str, Any]:
+    results = []
+    for call in options["calls"]:
+        rc.engine.clock_offset_ms = call.get("offset_ms", 0)
+        args = list(call.get("args", ()))
+        if call["op"] in ("settle", "release", "extend"):
+            args[0] = ReservationRef(*args[0])  # [account, id] in JSON
+        done = getattr(rc, call["op"])(*args, **call.get("kwargs", {}))
+        results.append(dataclasses.asdict(done) if dataclasses.is_dataclass(done) else done)
+    return {"results": results}
+
+
+COMMANDS = {"populate": populate, "spend": spend, "evict": evict, "calls": calls}
 
 
 def main() -> None:
