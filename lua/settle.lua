@@ -36,7 +36,13 @@ local SETTLED, RELEASED, LATE = 1, 2, 3
 local CLOSED_STATE = {s = SETTLED, x = RELEASED, l = LATE}
 
 local replay = idem_replay()
-if replay then return replay end
+if replay then
+  -- A reply stored by a release before overdrafts said -1 for unlimited.
+  if replay[1] == OK and replay[6] == -1 and redis.call('HGET', KEYS[5], 'bp') == '1' then
+    replay[6] = UNLIMITED
+  end
+  return replay
+end
 local record, rid = KEYS[5], ARGV[11]
 local r = redis.call('HMGET', record, 'amt', 'dl', 'st', 'bp', 'f', 'ch', 'un', 'c', 'q', 'sp')
 if not r[1] then return {RES_NOT_FOUND, 0} end

@@ -27,7 +27,14 @@ def postgres_errors_translated(action: str, outcome: str = "") -> Iterator[None]
         yield
     except psycopg.Error as exc:
         # psycopg's messages name the server, never the password.
-        raise BackendUnavailable(f"cannot {action} ({type(exc).__name__}: {exc}){outcome}") from exc
+        hint = ""
+        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+            # A schema never migrated, or one a release behind during an upgrade
+            # (new syncers retry until it is migrated, losing nothing).
+            hint = "; is the schema migrated? `redcredit migrate` brings it up to date"
+        raise BackendUnavailable(
+            f"cannot {action} ({type(exc).__name__}: {exc}){hint}{outcome}"
+        ) from exc
 
 
 # -- the fence between syncers and loaders -------------------------------------------------------

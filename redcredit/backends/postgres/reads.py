@@ -47,9 +47,24 @@ RESTORED_KEYS_MAX = 1_000
 
 @lru_cache(maxsize=16)
 def _account_query(schema: str) -> sql.Composed:
+    """The account's row, whether the schema has the buckets table yet, and the
+    account's place in its tree and its cap (NULL before migration 0005).
+
+    Parameters: the account, the schema. During a rolling upgrade new
+    clients may load accounts before ``redcredit migrate`` has run 0004: a
+    schema without the table holds no bucket (only a syncer of this release
+    writes them, and it needs 0004), so its accounts load as every credit in
+    the base bucket. Looked up each time, behind the fence: once the
+    migration commits, the next load reads the table.
+    """
     return sql.SQL(
-        "SELECT credits, chat_messages, plan, last_seq, parent, root, cap, cap_window, "
-        "cap_credits, cap_messages FROM {}.accounts WHERE account = %s"
+        "SELECT credits, chat_messages, plan, last_seq, "
+        "to_regclass(format('%%I.buckets', %s::text)) IS NOT NULL, "
+        # Read by name from the row: a schema before 0005 has no tree columns.
+        "to_jsonb(a) ->> 'parent', to_jsonb(a) ->> 'root', to_jsonb(a) ->> 'cap', "
+        "(to_jsonb(a) ->> 'cap_window')::bigint, (to_jsonb(a) ->> 'cap_credits')::bigint, "
+        "(to_jsonb(a) ->> 'cap_messages')::bigint "
+        "FROM {}.accounts AS a WHERE account = %s"
     ).format(sql.Identifier(schema))
 
 
@@ -85,12 +100,14 @@ def read_snapshot(
 ) -> AccountSnapshot:
     """An account as PostgreSQL has it, read in the caller's transaction behind the fence."""
     conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
-    row = conn.execute(_account_query(schema), [account]).fetchone()
-    applied, buckets = [], []
-    if row is not None:
+    found = conn.execute(_account_query(schema), [schema, account]).fetchone()
+    row, applied, buckets = None, [], []
+    if found is not None:
+        row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
         applied = conn.execute(_applied_keys_query(schema), params).fetchall()
-        buckets = conn.execute(open_buckets_query(schema), [account]).fetchall()
+        if has_buckets:
+            buckets = conn.execute(open_buckets_query(schema), [account]).fetchall()
     return snapshot_from_row(row, defaults, applied, buckets)
 
 
@@ -105,12 +122,15 @@ async def read_snapshot_async(
 ) -> AccountSnapshot:
     """:func:`read_snapshot` on an async connection."""
     await conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
-    row = await (await conn.execute(_account_query(schema), [account])).fetchone()
-    applied, buckets = [], []
-    if row is not None:
+    found = await (await conn.execute(_account_query(schema), [schema, account])).fetchone()
+    row, applied, buckets = None, [], []
+    if found is not None:
+        row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
         applied = await (await conn.execute(_applied_keys_query(schema), params)).fetchall()
-        buckets = await (await conn.execute(open_buckets_query(schema), [account])).fetchall()
+        if has_buckets:
+            query = open_buckets_query(schema)
+            buckets = await (await conn.execute(query, [account])).fetchall()
     return snapshot_from_row(row, defaults, applied, buckets)
 
 
