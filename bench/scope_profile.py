@@ -63,11 +63,6 @@ VARIANTS = (
         "",
     ),
     (
-        "without the holds' ZRANGEBYSCORE of a capped level that holds nothing",
-        "  if ctx.held == 0 and not ctx.K then return end",
-        "  if ctx.held == 0 then return end",
-    ),
-    (
         "without the ancestors' catch-up (holds, bucket events, plan, refills)",
         "  each_level(levels, function(_, i) limits[i] = catch_up(with_refills) end)",
         "  each_level(levels, function(level, i)\n"

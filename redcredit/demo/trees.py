@@ -28,8 +28,8 @@ def play_buckets_and_tree(rc: RedCredit, run: str, show: Show) -> None:
     show("  ...1 s later", lambda: _buckets_left(rc, eve), eve)
 
     org = f"acme-{run}"
-    mia = Scope(org, "research", f"mia-{run}")
-    rc.attach(Scope(org, "research"))
+    mia = Scope(org, f"research-{run}", f"mia-{run}")
+    rc.attach(Scope(org, f"research-{run}"))
     rc.attach(mia)
     show("grant(acme, 100)  # the org's pool", lambda: rc.grant(org, 100), org)
     show(

@@ -131,25 +131,27 @@ def apply_tree_entries(
         if e.cap_use is not None:
             used[e.account] = (e.seq, e.cap_use)
     table = sql.Identifier(schema)
-    updates: list[tuple[str, list[tuple[Any, ...]]]] = [
-        (
-            "UPDATE {}.accounts SET parent = %s, root = %s WHERE account = %s",
-            [(parent, root, account) for account, (_s, parent, root) in sorted(placed.items())],
-        ),
-        (
-            "UPDATE {}.accounts SET cap = %s WHERE account = %s",
-            [(cap, account) for account, (_s, cap) in sorted(capped.items())],
-        ),
-        (
-            "UPDATE {}.accounts SET cap_window = %s, cap_credits = %s, cap_messages = %s "
-            "WHERE account = %s",
-            [(*use, account) for account, (_s, use) in sorted(used.items())],
-        ),
-    ]
     with conn.cursor() as cursor:
-        for statement, rows in updates:
-            if rows:
-                cursor.executemany(sql.SQL(statement).format(table), rows)
+        if placed:
+            cursor.executemany(
+                sql.SQL("UPDATE {}.accounts SET parent = %s, root = %s WHERE account = %s").format(
+                    table
+                ),
+                [(parent, root, a) for a, (_s, parent, root) in sorted(placed.items())],
+            )
+        if capped:
+            cursor.executemany(
+                sql.SQL("UPDATE {}.accounts SET cap = %s WHERE account = %s").format(table),
+                [(cap, a) for a, (_s, cap) in sorted(capped.items())],
+            )
+        if used:
+            cursor.executemany(
+                sql.SQL(
+                    "UPDATE {}.accounts SET cap_window = %s, cap_credits = %s, "
+                    "cap_messages = %s WHERE account = %s"
+                ).format(table),
+                [(*use, a) for a, (_s, use) in sorted(used.items())],
+            )
 
 
 # -- divergence (the syncer): a history in Redis that forked from the ledger ---------------------
