@@ -129,6 +129,7 @@ class ScopeMachine(RuleBasedStateMachine):
         self.keys: dict[tuple[str, str], tuple[tuple[object, ...], Any]] = {}
         self.last_keyed: tuple[Callable[..., Any], dict[str, Any]] | None = None
         self.keys_made = 0
+        self.made: list[Made] = []
         seconds, micros = raw.time()
         origin = int(seconds) * 1000 + int(micros) // 1000
         # The server's model time zero: a whole multiple of every window.
@@ -258,7 +259,7 @@ class ScopeMachine(RuleBasedStateMachine):
     # -- rules -----------------------------------------------------------------------------------
 
     @initialize(
-        pool=st.integers(0, 200),
+        pool=st.integers(50, 300),
         chat=st.integers(0, 6),
         own=st.dictionaries(st.sampled_from(USERS), st.integers(1, 40), max_size=2),
         caps=st.dictionaries(st.sampled_from(sorted(SCOPES)), CAPS, max_size=3),
@@ -343,7 +344,9 @@ class ScopeMachine(RuleBasedStateMachine):
         self.tree = trial
         self.remember(account, key, call_id, result)
         self.compare()
-        return Made(account, result.id, path)
+        made = Made(account, result.id, path)
+        self.made.append(made)
+        return made
 
     @rule(
         made=reservations,
@@ -391,6 +394,35 @@ class ScopeMachine(RuleBasedStateMachine):
             self.tree = trial
             self.remember(made.account, key, call_id, result)
         self.compare()
+
+    def open_holds(self) -> list[Made]:
+        return [m for m in self.made if m.closed is None]
+
+    @precondition(lambda self: self.open_holds())
+    @rule(
+        pick=st.integers(0, 3),
+        how=st.sampled_from(["release", "settle", "settle_late"]),
+        offset=st.integers(-20, 20),
+        key=KEYS,
+    )
+    def close_open(self, pick: int, how: str, offset: int, key: str | None) -> None:
+        """Closes a reservation still open (most drawn from the bundle are closed already)."""
+        holds = self.open_holds()
+        SEEN["close an open one"] += 1
+        self.close(made=holds[pick % len(holds)], how=how, offset=offset, key=key)
+
+    def counting_levels(self) -> list[str]:
+        """Levels whose cap counts a live hold."""
+        live = [h for h in self.tree.holds.values() if self.tree.live(h)]
+        return sorted({name for h in live for name in h.counted})
+
+    @precondition(lambda self: self.counting_levels())
+    @rule(pick=st.integers(0, 3), cap=CAPS)
+    def recap_counting_level(self, pick: int, cap: CapRule | None) -> None:
+        """Changes or removes the cap of a level that counts a live hold."""
+        levels = self.counting_levels()
+        SEEN["recap a counting level"] += 1
+        self.set_cap(account=levels[pick % len(levels)], cap=cap)
 
     @rule(made=reservations, lease=st.integers(1, 4))
     def extend(self, made: Made, lease: int) -> None:
