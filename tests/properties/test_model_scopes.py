@@ -50,10 +50,12 @@ from hypothesis.stateful import (
 from redcredit import (
     Cap,
     IdempotencyConflict,
+    NotInScope,
     PlanSettings,
     RedCredit,
     ReservationRef,
     Scope,
+    ScopeRequired,
     Settings,
     Settlement,
 )
@@ -469,6 +471,34 @@ class ScopeMachine(RuleBasedStateMachine):
         assert (result.plan, result.previous_plan) == (plan, self.tree.levels[account].plan)
         self.tree.levels[account].plan = plan
         SEEN[f"plan {plan}"] += 1
+        self.compare()
+
+    @rule(
+        user=st.sampled_from(USERS),
+        how=st.sampled_from(["other team", "under the root", "alone"]),
+        reserve=st.booleans(),
+    )
+    def off_the_tree(self, user: str, how: str, reserve: bool) -> None:
+        """A call naming a user by a path that is not the tree's, or by no path: refused."""
+        team = self.tree.levels[user].path[1]
+        if how == "alone":
+            target: str | Scope = user
+        elif how == "under the root":
+            target = Scope("r", user)
+        else:
+            target = Scope("r", "tb" if team == "ta" else "ta", user)
+        if reserve:
+            call = partial(self.client.reserve, target, 1)
+        else:
+            call = partial(self.client.spend, target, cost=1)
+        with pytest.raises(ScopeRequired if how == "alone" else NotInScope) as raised:
+            call()
+        error: Any = raised.value
+        if how == "alone":
+            assert error.root == "r"
+        else:
+            assert (error.level, error.parent) == (user, team)
+        SEEN[f"off the tree: {how}"] += 1
         self.compare()
 
     @precondition(lambda self: self.last_keyed is not None)
