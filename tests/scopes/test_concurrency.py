@@ -61,7 +61,7 @@ TEAM_CAPS = {
 }
 CAPS = {**USER_CAPS, **TEAM_CAPS}
 # The pool runs dry before the users' caps do (they sum to more), so both refusals happen.
-POOL, POOL_CHAT = 2_600 * LOAD, 240 * LOAD
+POOL, POOL_CHAT = 2_300 * LOAD, 240 * LOAD
 OWN = {u.account: 40 * LOAD for u in USERS[:5]}
 ASYNC_SPENDERS, ASYNC_CALLS = 200, 10 * LOAD
 PROCESSES, PROCESS_CALLS = 8, 90 * LOAD
