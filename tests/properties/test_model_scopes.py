@@ -198,6 +198,29 @@ class ScopeMachine(RuleBasedStateMachine):
             assert call() == replace(first, replayed=True)
         return True
 
+    def journal_end(self) -> bytes:
+        """The id of the root partition's last journal entry (the tree's whole journal)."""
+        last = self.raw.xrevrange(self.client.engine.keys.for_account("r").journal, count=1)
+        return bytes(last[0][0]) if last else b"0-0"
+
+    def check_entries(self, after: bytes, op: str, account: str, key: str | None) -> None:
+        """The entries a charge journaled: one per level the model says, each with its
+        depth and deltas; the call's account's carries the key, the others name it."""
+        journal = self.client.engine.keys.for_account("r").journal
+        made = [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in self.raw.xrange(journal, min=b"(" + after)
+        ]
+        made = [e for e in made if e["op"] == op]
+        single = len(self.tree.levels[account].path) == 1
+        got = [(e["a"], 1 if single else int(e["lv"]), int(e["dc"]), int(e["dm"])) for e in made]
+        assert got == self.tree.entries, (op, account)
+        SEEN[f"{op} journaled by {len(got)} levels"] += 1
+        for e in made:
+            mine = e["a"] == account
+            assert e.get("k") == (key if mine else None), e
+            assert e.get("v") == (None if mine else account), e
+
     def remember(
         self, account: str, key: str | None, call_id: tuple[object, ...], got: Any
     ) -> None:
@@ -296,13 +319,15 @@ class ScopeMachine(RuleBasedStateMachine):
             label, call = "spend", partial(self.client.spend, scope, cost=cost, idempotency_key=key)
         call_id = (label, cost, messages)
         if not self.replayed(account, key, call_id, call):
+            end = self.journal_end()
             done = self.attempt(label, lambda t: t.spend(account, cost, messages), call)
             if done is not None:
                 result, trial, (credits, chat) = done
+                self.tree = trial
+                self.check_entries(end, "turn" if messages else "spend", account, key)
                 assert (result.credits_remaining, result.replayed) == (credits, False)
                 if messages:
                     assert result.chat_messages_remaining == chat
-                self.tree = trial
                 self.remember(account, key, call_id, result)
         self.compare()
 
@@ -378,6 +403,7 @@ class ScopeMachine(RuleBasedStateMachine):
             self.remember(made.account, key, call_id, replace(made.closed, replayed=True))
             return self.compare()
         label = how if self.tree.now < hold.deadline else f"{how} lapsed"
+        end = self.journal_end()
         done = self.attempt(
             label, lambda t: t.close(made.id, None if release else actual, late), call
         )
@@ -394,6 +420,7 @@ class ScopeMachine(RuleBasedStateMachine):
             )
             made.closed = result
             self.tree = trial
+            self.check_entries(end, "release" if release else "settle", made.account, key)
             self.remember(made.account, key, call_id, result)
         self.compare()
 
