@@ -76,6 +76,8 @@ class Tree:
     levels: dict[str, Level] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     now: int = 0
+    # The entries the last charge journals: (account, depth, credit delta, chat delta).
+    entries: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     def add(self, *path: str) -> None:
         self.levels[path[-1]] = Level(path[-1], path)
@@ -158,13 +160,15 @@ class Tree:
 
     def split(
         self, levels: list[Level], credits: int, messages: int, bypasses: list[bool]
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[list[int], list[int], list[bool]]:
         """Who pays: free credits and messages nearest first, a bypassing level for the
-        rest, then overdrafts nearest first."""
+        rest (it covers it), then overdrafts nearest first."""
         paid_c, paid_m = [0] * len(levels), [0] * len(levels)
+        covered = [False] * len(levels)
         need_c, need_m = credits, messages
         for i, level in enumerate(levels):
             if bypasses[i]:
+                covered[i] = need_c > 0 or need_m > 0
                 need_c = need_m = 0
                 continue
             paid_c[i] = min(max(level.credits - self.held(level.name), 0), need_c)
@@ -175,7 +179,7 @@ class Tree:
             n = min(max(room, 0), need_c)
             paid_c[i], need_c = paid_c[i] + n, need_c - n
         assert need_c == 0 and need_m == 0, "split a charge the path cannot pay"
-        return paid_c, paid_m
+        return paid_c, paid_m, covered
 
     def count(self, level: Level, credits: int, messages: int) -> None:
         """Counts a charge against the level's cap (nothing without a cap)."""
@@ -186,13 +190,26 @@ class Tree:
         level.used_credits, level.used_messages = used_c + credits, used_m + messages
 
     def charge(
-        self, levels: list[Level], credits: int, messages: int, bypasses: list[bool]
+        self,
+        levels: list[Level],
+        credits: int,
+        messages: int,
+        bypasses: list[bool],
+        held: frozenset[str] = frozenset(),
     ) -> None:
-        paid_c, paid_m = self.split(levels, credits, messages, bypasses)
+        """Applies a charge. Every level that pays, covers it, counts it in its cap (or
+        ``held`` a part of the reservation it closes) journals an entry, and the call's
+        account always does."""
+        paid_c, paid_m, covered = self.split(levels, credits, messages, bypasses)
+        self.entries = []
         for i, level in enumerate(levels):
             level.credits -= paid_c[i]
             level.chat -= paid_m[i]
             self.count(level, credits, messages)
+            journals = paid_c[i] or paid_m[i] or level.cap is not None or covered[i]
+            if i == 0 or journals or level.name in held:
+                depth = len(levels) - i
+                self.entries.append((level.name, depth, -paid_c[i], -paid_m[i]))
 
     def short(self, levels: list[Level], error: str, required: int, available: int) -> Refused:
         return Refused(error, level=levels[-1].name, required=required, available=available)
@@ -244,7 +261,7 @@ class Tree:
         chat = self.funds(levels, bypasses)[1]
         if messages > chat:
             raise self.short(levels, "InsufficientChatMessages", messages, chat)
-        _, paid_m = self.split(levels, 0, messages, bypasses)
+        _, paid_m, _ = self.split(levels, 0, messages, bypasses)
         for i, level in enumerate(levels):
             level.chat -= paid_m[i]
             self.count(level, 0, messages)
@@ -268,6 +285,8 @@ class Tree:
             raise Refused("ReservationLapsed")
         hold.closed = True
         levels = self.path_levels(hold.path[-1])
+        # A level that held a part, or whose cap counted it, journals that it lets go.
+        had = frozenset() if lapsed else frozenset(hold.parts) | hold.counted
         # The account's plan when the hold was made decides for the account itself.
         bypasses = [hold.bypass] + [self.bypass(lv) for lv in levels[1:]]
         charged = 0
@@ -278,7 +297,7 @@ class Tree:
                 if cap is not None and cap.credits is not None:
                     room = cap.credits - self.use(level)[0] - self.cap_held(level.name)
                     charged = min(charged, max(room, 0))
-        self.charge(levels, charged, 0, bypasses)
+        self.charge(levels, charged, 0, bypasses, had)
         outcome = "released" if actual is None else "settled_late" if lapsed else "settled"
         return outcome, charged, None if hold.bypass else levels[0].credits
 

@@ -61,18 +61,20 @@ TEAM_CAPS = {
 }
 CAPS = {**USER_CAPS, **TEAM_CAPS}
 # The pool runs dry before the users' caps do (they sum to more), so both refusals happen.
-POOL, POOL_CHAT = 2_600 * LOAD, 240 * LOAD
+POOL, POOL_CHAT = 2_300 * LOAD, 240 * LOAD
 OWN = {u.account: 40 * LOAD for u in USERS[:5]}
 ASYNC_SPENDERS, ASYNC_CALLS = 200, 10 * LOAD
 PROCESSES, PROCESS_CALLS = 8, 90 * LOAD
 REFUSALS = (InsufficientCredits, InsufficientChatMessages, CapReached)
+# A hold its caller abandons lapses by itself a second later, at every level.
+ABANDONED_TTL = 1
 
 
 @dataclass(frozen=True)
 class Call:
     """One caller's call: what, through which user, and whether it is sent twice."""
 
-    kind: str  # spend, chat, turn, settle, release
+    kind: str  # spend, chat, turn, settle, release, abandon (a hold left to lapse)
     user: int
     cost: int
     key: str | None
@@ -83,7 +85,9 @@ def plan_calls(seed: int, users: list[int], count: int) -> list[Call]:
     rng = random.Random(seed)
     calls = []
     for n in range(count):
-        kind = rng.choices(["spend", "chat", "turn", "settle", "release"], [40, 10, 15, 25, 10])[0]
+        kind = rng.choices(
+            ["spend", "chat", "turn", "settle", "release", "abandon"], [40, 10, 15, 25, 10, 5]
+        )[0]
         keyed = rng.random() < 0.3
         calls.append(
             Call(
@@ -185,6 +189,14 @@ def _charging(client: Any, call: Call) -> Callable[[], Any]:
 
 
 def run_sync(client: RedCredit, call: Call, tally: Tally) -> None:
+    if call.kind == "abandon":
+        try:
+            client.reserve(USERS[call.user], _hold(call), ttl=ABANDONED_TTL)
+        except REFUSALS as refused:
+            tally.seen[f"abandon refused: {type(refused).__name__}"] += 1
+        else:
+            tally.seen["abandon"] += 1
+        return
     if call.kind in ("settle", "release"):
         try:
             held = client.reserve(USERS[call.user], _hold(call), ttl=60)
@@ -205,6 +217,14 @@ def run_sync(client: RedCredit, call: Call, tally: Tally) -> None:
 
 
 async def run_async(client: AsyncRedCredit, call: Call, tally: Tally) -> None:
+    if call.kind == "abandon":
+        try:
+            await client.reserve(USERS[call.user], _hold(call), ttl=ABANDONED_TTL)
+        except REFUSALS as refused:
+            tally.seen[f"abandon refused: {type(refused).__name__}"] += 1
+        else:
+            tally.seen["abandon"] += 1
+        return
     if call.kind in ("settle", "release"):
         try:
             held = await client.reserve(USERS[call.user], _hold(call), ttl=60)
@@ -320,17 +340,20 @@ async def _run_tree(settings: Settings) -> None:
         assert [w.exitcode for w in workers] == [0] * PROCESSES
 
         print("\n", ", ".join(f"{k} {n}" for k, n in sorted(tally.seen.items())))
-        for needed in ("spend", "chat", "turn", "settle", "release", "spend replayed", "watched"):
+        needed_kinds = ("spend", "chat", "turn", "settle", "release", "abandon", "spend replayed")
+        for needed in (*needed_kinds, "watched"):
             assert tally.seen[needed] > 0, needed
         assert any("CapReached at user" in k for k in tally.seen), "no user's cap was reached"
         assert any("CapReached at team" in k for k in tally.seen), "no team's cap was reached"
         assert any("InsufficientCredits at org" in k for k in tally.seen), "the pool never ran dry"
+        # Past the last abandoned hold's lease (server clock), with no process sweeping.
+        await asyncio.sleep(ABANDONED_TTL + 0.5)
         _check_levels(rc, levels, tally)
 
 
 def _check_levels(rc: RedCredit, levels: dict[str, Scope], tally: Tally) -> None:
     balances = {name: rc.balance(scope) for name, scope in levels.items()}
-    # Nothing is held once every reservation is closed, at any level.
+    # Nothing is held once every reservation is closed or lapsed, at any level.
     assert {n: b.held for n, b in balances.items() if b.held} == {}
     # What the callers were told was charged is exactly what left the levels' balances.
     granted = {ROOT: POOL, **OWN}
