@@ -192,7 +192,10 @@ def exactly_once(
         ]
         if taken_by:
             age = losses[taken_by[0]].monotonic - call.answered_at
-            lost.append((taken_by[0], age, f"{call.kind} on {call.home}"))
+            # Which losses could have taken it: a graceful failover named
+            # beside a later one says the call stayed unsynced through both.
+            could = "+".join(losses[i].kind for i in taken_by)
+            lost.append((taken_by[0], age, f"{call.kind} on {call.home} ({could})"))
         else:
             problems.append(f"acknowledged {call.kind} {call.key} (seq {call.sequence}) is missing")
     return problems, lost
