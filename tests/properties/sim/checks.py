@@ -20,11 +20,11 @@ from tests.properties.sim.workload import Call
 from tests.properties.sim.world import HOLD_TTL_S, SCHEMA, Hold, Loss
 
 BYPASS_PLANS = {"paid", "demo"}
-SIDE_ENTRIES = {"lapse", "refill", "open"}
+SIDE_ENTRIES = {"lapse", "refill", "open", "expire", "effective"}
 LEDGER_COLUMNS = (
     "account, seq, op, credit_delta, chat_delta, credits_after, chat_after, plan, "
     "idempotency_key, reservation_id, hold_amount, "
-    "(extract(epoch from server_time) * 1000)::bigint"
+    "(extract(epoch from server_time) * 1000)::bigint, via"
 )
 
 
@@ -42,6 +42,7 @@ class Row:
     rid: str | None
     held: int | None
     ms: int
+    via: str | None  # on a tree: an ancestor's entry made for this account's call
 
 
 @dataclass
@@ -143,8 +144,10 @@ def keyed_entries(ledger: dict[str, list[Row]]) -> dict[str, list[Row]]:
     for rows in ledger.values():
         for row in rows:
             # A call also journals what it found due on the way (lapsed holds,
-            # a refill, the opening balances), under its key: those are not its effect.
-            if row.key is not None and row.op not in SIDE_ENTRIES:
+            # a refill, the opening balances, expiries), under its key: those
+            # are not its effect; nor are the entries of the levels above the
+            # account of a call on a path (trees.paths_whole checks those).
+            if row.key is not None and row.op not in SIDE_ENTRIES and row.via is None:
                 by_key[row.key].append(row)
     return by_key
 
@@ -159,15 +162,16 @@ def exactly_once(
     ledger: dict[str, list[Row]],
     losses: list[Loss],
     partition_of: Callable[[str], int],
-) -> tuple[list[str], list[tuple[int, float]]]:
+) -> tuple[list[str], list[tuple[int, float, str]]]:
     """Every key's effect is in the ledger once, or was lost in the unsynced window of a loss.
 
     Returns the violations, and for each acknowledged call lost that way the
-    loss that took it (its index) and how long before it the call was answered (s).
+    loss that took it (its index), how long before it the call was answered (s),
+    and the call's kind and home account.
     """
     by_key = keyed_entries(ledger)
     problems = applied_twice(ledger)
-    lost: list[tuple[int, float]] = []
+    lost: list[tuple[int, float, str]] = []
     for call in calls:
         if call.key is None:
             continue
@@ -178,7 +182,7 @@ def exactly_once(
             continue
         # Not in PostgreSQL: only allowed if a later loss of Redis took it
         # before any syncer had committed it.
-        partition = partition_of(call.account)
+        partition = partition_of(call.home)
         taken_by = [
             index
             for index, loss in enumerate(losses)
@@ -187,7 +191,11 @@ def exactly_once(
             and call.sequence > loss.synced.get(call.account, 0)
         ]
         if taken_by:
-            lost.append((taken_by[0], losses[taken_by[0]].monotonic - call.answered_at))
+            age = losses[taken_by[0]].monotonic - call.answered_at
+            # Which losses could have taken it: a graceful failover named
+            # beside a later one says the call stayed unsynced through both.
+            could = "+".join(losses[i].kind for i in taken_by)
+            lost.append((taken_by[0], age, f"{call.kind} on {call.home} ({could})"))
         else:
             problems.append(f"acknowledged {call.kind} {call.key} (seq {call.sequence}) is missing")
     return problems, lost
@@ -251,4 +259,11 @@ def tally(calls: list[Call]) -> dict[str, Any]:
             c.replayed and c.ambiguous for c in calls
         ),
         "attempts": sum(c.attempts for c in calls),
+        "refusals, by kind": dict(Counter(c.refusal for c in calls if c.refusal)),
+        "on the tree, by kind": dict(
+            Counter(f"{c.kind}:{c.outcome}" for c in calls if c.kind.startswith("tree-"))
+        ),
+        "bucket grants ok": sum(
+            c.kind in ("bucket-grant", "tree-grant") and c.outcome == "ok" for c in calls
+        ),
     }

@@ -13,7 +13,7 @@ import psycopg
 from redcredit import AsyncRedCredit, RedCreditError
 from redcredit.core.keys import KeySpace
 from redcredit.ledger.syncer import Syncer
-from tests.properties.sim import checks
+from tests.properties.sim import checks, trees
 from tests.properties.sim.cluster import (
     CLUSTER_KINDS,
     FAILOVER_KINDS,
@@ -82,6 +82,11 @@ async def _simulate(
         injector, kinds = Injector(world, seed), KINDS
     async with AsyncRedCredit(settings=world.settings) as arc:
         clients = Clients(arc, names, seed, epoch=lambda: world.epoch)
+        await clients.set_up_tree()
+        # In PostgreSQL before the first fault: a Redis lost with everything
+        # then reloads the tree rather than forgetting it.
+        with Syncer(world.direct) as syncer:
+            await asyncio.to_thread(syncer.drain, timeout_s=30)
         load = asyncio.create_task(clients.run(workers))
         started = time.monotonic()
         await injector.run(schedule(seed, duration_s, kinds), started)
@@ -99,7 +104,12 @@ async def _simulate(
             balance = await _settled_balance(arc, account)
             if balance is not None and balance.held:
                 report.violations.append(f"leases: {account} still holds {balance.held}")
-    await asyncio.to_thread(_drain_and_check, world, clients, injector, report)
+        tree: dict[str, Any] = {}
+        for scope in trees.every_level():
+            tree[scope.account] = balance = await _settled_balance(arc, scope)
+            if balance is not None and balance.held:
+                report.violations.append(f"leases: {scope} still holds {balance.held}")
+    await asyncio.to_thread(_drain_and_check, world, clients, injector, report, tree)
     report.faults = dict(injector.done)
     report.fault_log = injector.log
     report.figures = {"load seconds": round(elapsed, 1), **report.figures}
@@ -116,7 +126,11 @@ async def _settled_balance(arc: AsyncRedCredit, account: str) -> Any:
 
 
 def _drain_and_check(
-    world: World | ClusterWorld, clients: Clients, injector: Injector, report: Report
+    world: World | ClusterWorld,
+    clients: Clients,
+    injector: Injector,
+    report: Report,
+    tree: dict[str, Any],
 ) -> None:
     with Syncer(world.direct) as syncer:
         lag = syncer.drain(timeout_s=120)
@@ -147,9 +161,20 @@ def _drain_and_check(
         if isinstance(world, ClusterWorld):
             findings.add("no history forked (diverged_entries empty)", checks.never_forked(conn))
         findings.add("reconcile reports no drift", checks.no_drift(world.direct, client, conn))
+        findings.add(
+            "every bucket's ledger deltas sum to its remaining", trees.buckets_add_up(conn)
+        )
+        tree_rows = trees.read_tree_rows(conn)
+        findings.add("no level of the tree below zero at the end", trees.levels_in_bounds(tree))
+        findings.add("the capped user's windows within its cap", trees.cap_kept(tree_rows))
+        findings.add(
+            "the root's credits = granted - charged at it",
+            trees.root_explained(tree_rows, tree.get(trees.ROOT)),
+        )
+        findings.add("every path call journaled at its own account", trees.paths_whole(tree_rows))
         doubled = checks.applied_twice(ledger)
     client.close()
-    lost_ages = [age for _, age in lost]
+    lost_ages = [age for _, age, _ in lost]
     report.figures.update(checks.tally(record.calls))
     report.figures.update(
         {
@@ -157,6 +182,10 @@ def _drain_and_check(
             "accounts": len(ledger),
             "ledger entries persisted": sum(len(rows) for rows in ledger.values()),
             "holds of killed clients": len(world.holds),
+            "buckets expired, started, voided (ledger entries)": [
+                sum(row.op == op for rows in ledger.values() for row in rows)
+                for op in ("expire", "effective", "void")
+            ],
         }
     )
     if isinstance(world, ClusterWorld):
@@ -176,15 +205,15 @@ def _drain_and_check(
 
 
 def _failover_figures(
-    world: ClusterWorld, lost: list[tuple[int, float]], doubled: int, findings: checks.Findings
+    world: ClusterWorld, lost: list[tuple[int, float, str]], doubled: int, findings: checks.Findings
 ) -> dict[str, Any]:
-    per_loss = Counter(index for index, _ in lost)
+    per_loss = Counter(index for index, _, _ in lost)
     figures: dict[str, Any] = {}
     for kind in FAILOVER_KINDS:
         counts = [per_loss[i] for i, loss in enumerate(world.losses) if loss.kind == kind]
         figures[f"acknowledged calls lost, per {kind}"] = counts
     figures["the oldest of them, answered before its failover (ms)"] = round(
-        max((age for _, age in lost), default=0) * 1000
+        max((age for _, age, _ in lost), default=0) * 1000
     )
     figures["lagging failovers no election settled (TAKEOVER)"] = world.cluster.takeovers
     figures["keys applied more than once"] = doubled
@@ -192,6 +221,17 @@ def _failover_figures(
     graceful = figures["acknowledged calls lost, per cluster_failover"]
     findings.add(
         "a graceful failover lost no acknowledged call",
-        [f"{n} lost in failover {i + 1}" for i, n in enumerate(graceful) if n],
+        [
+            f"{n} lost in failover {i + 1}: "
+            + str(Counter(what for index, _, what in lost if index == first))
+            for i, n in enumerate(graceful)
+            if n
+            for first in [_first_of(world, "cluster_failover", i)]
+        ],
     )
     return figures
+
+
+def _first_of(world: ClusterWorld, kind: str, nth: int) -> int:
+    """The index among all losses of the ``nth`` loss of ``kind``."""
+    return [i for i, loss in enumerate(world.losses) if loss.kind == kind][nth]

@@ -43,6 +43,9 @@ PLANS = {
     ),
     "paid": PlanSettings(bypass=True),
     "demo": PlanSettings(bypass=True),
+    # The tree's levels: no limit, no refill, so that the root's credits are
+    # its pool less what the paths charged.
+    "pool": PlanSettings(),
 }
 
 
