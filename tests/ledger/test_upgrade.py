@@ -5,7 +5,8 @@ from git and run in processes of its own (its schema at migration 0003, its
 syncer drained, some accounts evicted). Then, on one Redis server and on a
 real three-primary cluster, the new code takes over while both releases'
 clients spend side by side against the same Redis: the new ``redcredit
-migrate`` runs in the middle, the old syncer once more, then the new one.
+migrate`` runs in the middle (new clients load cold accounts before it), then
+the new syncer, with the old one still draining beside it for a while.
 At the end no credit is lost or doubled (per account, the opening balance
 plus what every successful call returned moving), every old balance is one
 never-expiring base bucket, old keyed calls replay, each keyed call is in
@@ -17,12 +18,14 @@ the ledger once, and PostgreSQL agrees with Redis.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import random
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -553,6 +556,40 @@ def _schema_at_0003(postgres_url: str, schema: str) -> None:
         prepare_migrations(conn, schema)
         for migration in migrations()[:3]:
             apply_migration(conn, schema, migration.version, migration.name, migration.text)
+
+
+def test_the_migration_never_deadlocks_with_a_loader_beside_it(
+    postgres_url: str, pg_schema: str
+) -> None:
+    """A loader reads accounts, then the ledger; 0004 locks the ledger, then accounts.
+
+    The migration, holding the ledger's lock and waiting for the accounts', gives
+    up before the server would break the deadlock by failing one of them, and
+    applies once the loader is through.
+    """
+    _schema_at_0003(postgres_url, pg_schema)
+    s = f'"{pg_schema}"'
+    with (
+        psycopg.connect(postgres_url) as loader,
+        psycopg.connect(postgres_url, autocommit=True) as watch,
+    ):
+        loader.execute(f"SELECT count(*) FROM {s}.accounts").fetchone()  # its transaction is open
+
+        def migrated() -> list[int]:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                return migrate(conn, pg_schema)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(migrated)
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass"
+            deadline = time.monotonic() + 20
+            while watch.execute(waiting, [f"{s}.accounts"]).fetchone() != (1,):
+                assert time.monotonic() < deadline, "the migration never waited for accounts"
+                time.sleep(0.005)
+            # The loader's second read, while the migration holds the ledger's lock.
+            loader.execute(f"SELECT count(*) FROM {s}.ledger").fetchone()
+            loader.commit()
+            assert running.result(timeout=60) == [4]
 
 
 def test_a_new_syncer_started_before_the_migration_waits_for_it(
