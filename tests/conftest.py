@@ -249,3 +249,6 @@ def pg_schema(postgres_url: str) -> Iterator[str]:
 # --- PostgreSQL-backed settings, connection and syncer ------------------------------------------
 
 from tests.support.pgfixtures import pg, pg_settings, syncer  # noqa: E402, F401
+
+# --- the previous release, for the upgrade tests -----------------------------------------------
+from tests.support.upgrade import previous_release  # noqa: E402, F401

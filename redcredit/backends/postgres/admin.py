@@ -11,6 +11,7 @@ __all__ = [
     "applied_migrations",
     "apply_migration",
     "create_database",
+    "limit_lock_waits",
     "lock_migrations",
     "ping",
     "prepare_migrations",
@@ -35,6 +36,11 @@ def prepare_migrations(conn: psycopg.Connection[Any], schema: str) -> None:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         ).format(sql.Identifier(schema))
     )
+
+
+def limit_lock_waits(conn: psycopg.Connection[Any], timeout_ms: int) -> None:
+    """Until the caller's commit, a statement waiting longer for a lock fails (LockNotAvailable)."""
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{timeout_ms}ms"])
 
 
 def applied_migrations(conn: psycopg.Connection[Any], schema: str) -> set[int]:
