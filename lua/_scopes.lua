@@ -262,6 +262,17 @@ local function split_charge(levels, credits, messages)
   return paid_c, paid_m, covered
 end
 
+-- Adds to a level's journal fields where it stands on the path ('lv', and
+-- 'v' on an ancestor's) and its cap's use after the call ('counted').
+local function with_level_fields(fields, levels, i, counted)
+  if #levels > 1 then
+    fields[#fields + 1], fields[#fields + 2] = 'lv', levels[i].depth
+    if i > 1 then fields[#fields + 1], fields[#fields + 2] = 'v', levels[1].account end
+  end
+  for j = 1, #(counted or {}) do fields[#fields + 1] = counted[j] end
+  return fields
+end
+
 -- Applies a split charge: each level's balances, buckets and cap, and its
 -- journal entry (the call's account always gets one: it carries the key).
 -- 'extra' is the entry's fields; returns the call's account's sequence.
@@ -275,12 +286,8 @@ local function charge_path(levels, op, credits, messages, extra, paid_c, paid_m,
       save_balances()
       local fields = {}
       for j = 1, #extra do fields[j] = extra[j] end
-      if #levels > 1 then
-        fields[#fields + 1], fields[#fields + 2] = 'lv', level.depth
-        if i > 1 then fields[#fields + 1], fields[#fields + 2] = 'v', levels[1].account end
-      end
-      for j = 1, #(counted or {}) do fields[#fields + 1] = counted[j] end
-      local s = journal(op, 0 - paid_c[i], 0 - paid_m[i], fields)
+      local s = journal(op, 0 - paid_c[i], 0 - paid_m[i],
+        with_level_fields(fields, levels, i, counted))
       if i == 1 then seq = s end
     end
   end)

@@ -89,12 +89,7 @@ each_level(levels, function(level, i)
   if ARGV[13] ~= '' then extra[#extra + 1], extra[#extra + 2] = 'f', ARGV[13] end
   local shadows = shadow_refusals(states)
   if shadows ~= '' then extra[#extra + 1], extra[#extra + 2] = 'sh', shadows end
-  if #levels > 1 then
-    extra[#extra + 1], extra[#extra + 2] = 'lv', level.depth
-    if i > 1 then extra[#extra + 1], extra[#extra + 2] = 'v', levels[1].account end
-  end
-  for j = 1, #(counted or {}) do extra[#extra + 1] = counted[j] end
-  local s = journal('reserve', 0, 0 - paid_m[i], extra)
+  local s = journal('reserve', 0, 0 - paid_m[i], with_level_fields(extra, levels, i, counted))
   if i == 1 then seq = s end
   return nil
 end)

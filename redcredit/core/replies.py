@@ -54,6 +54,7 @@ __all__ = [
     "balance",
     "balance_change",
     "grant_change",
+    "has_history",
     "limit_reset",
     "plan_change",
     "refusal",
@@ -174,11 +175,7 @@ def refusal(
         case Status.IN_TREE:
             return ScopeRequired(account=account, root=text(reply[2]))
         case Status.HAS_HISTORY:
-            return AccountHasHistory(
-                f"account {account!r} has balances or a history of its own: only a new "
-                "account can be attached to a tree",
-                account=account,
-            )
+            return has_history(account)
         case Status.RES_NOT_FOUND:
             return ReservationNotFound(
                 f"no reservation {reservation_id} for account {account!r} "
@@ -222,6 +219,15 @@ def refusal(
         case Status.RES_EXISTS:
             return ReservationError(f"reservation id {reservation_id} is already in use", **where)
     return RedCreditError(f"unexpected reply from Redis: {reply!r}")
+
+
+def has_history(account: str) -> AccountHasHistory:
+    """The refusal to attach an account that is not new (join.lua, or its loader says so)."""
+    return AccountHasHistory(
+        f"account {account!r} has balances or a history of its own: only a new "
+        "account can be attached to a tree",
+        account=account,
+    )
 
 
 def _level(reply: Reply) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from .. import validation as v
-from ..errors import AccountHasHistory, InvalidInput, NotInScope, ScopeRequired
+from ..errors import InvalidInput, NotInScope, ScopeRequired
 from ..results import Attached, CapChange
 from ..scopes import Cap, Scope
 from . import replies
@@ -54,14 +54,14 @@ class TreeOperations(EngineBase):
                 parent=snapshot.parent,
             )
         if snapshot.sequence or snapshot.buckets:
-            raise _has_history(account)
+            raise replies.has_history(account)
         joined: Reply = yield ScriptCall(
             self.scripts["join"], [self.keys.for_account(account).hash], [scope.root], self._wait
         )
         if joined[0] == Status.IN_TREE:
             raise ScopeRequired(account=account, root=replies.text(joined[2]))
         if joined[0] == Status.HAS_HISTORY:
-            raise _has_history(account)
+            raise replies.has_history(account)
         call = self._call(
             "attach",
             target,
@@ -90,14 +90,6 @@ class TreeOperations(EngineBase):
         call = self._call("set_cap", target, idempotency_key, f"cap:{text}", [text])
         parse = partial(_cap_change, account=target.account, cap=cap)
         return self._run_parsed(call, target, parse)
-
-
-def _has_history(account: str) -> AccountHasHistory:
-    return AccountHasHistory(
-        f"account {account!r} has balances or a history of its own: only a new account "
-        "can be attached to a tree",
-        account=account,
-    )
 
 
 def _attached(reply: Reply, *, account: str, path: tuple[str, ...]) -> Attached:
