@@ -281,11 +281,8 @@ class Ledger:
             acct.buckets.append(b)
         if b.held and expires is not None and acct.holds:
             # Credits a live hold has on the bucket last until the latest deadline.
-            latest = max(
-                (h.deadline for h in acct.holds.values()),
-                key=functools.cmp_to_key(self.clock.compare),
-            )
-            if self.clock.compare(latest, expires) > 0:
+            latest = max((h.deadline for h in acct.holds.values()), key=lambda d: d.model)
+            if latest.model > expires.model:
                 expires = latest
         b.priority, b.category, b.expires = settings.priority, settings.category, expires
         b.created, b.granted = made, add
