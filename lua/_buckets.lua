@@ -268,6 +268,18 @@ local function release_hold(rid, amount)
   redis.call('HDEL', ctx.acct, 'q.' .. rid)
 end
 
+-- Ends what a reservation's hold counted against its level's cap (y.<rid>,
+-- see _scopes.lua), even while the level has no cap: the call's view of Kh
+-- follows, so a cap loaded later in the call starts from it.
+local function drop_cap_hold(counted)
+  ctx.Kh = ctx.Kh - counted
+  if ctx.cap then
+    ctx.cap.held = ctx.cap.held - counted
+  else
+    redis.call('HINCRBY', ctx.acct, 'Kh', 0 - counted)
+  end
+end
+
 -- A hold counts until its deadline and for nothing from the deadline on. Lapsed
 -- holds are dropped here, by whichever script touches the account next, so the
 -- available balance is exact without any sweeper running.
@@ -281,7 +293,7 @@ local function prune_lapsed_holds()
     local v = redis.call('HMGET', ctx.acct, 'r.' .. rid, 'y.' .. rid)
     local amount = tonumber(v[1] or '0')
     redis.call('HDEL', ctx.acct, 'r.' .. rid, 'y.' .. rid)
-    if v[2] then redis.call('HINCRBY', ctx.acct, 'Kh', 0 - tonumber(v[2])) end
+    if v[2] then drop_cap_hold(tonumber(v[2])) end
     release_hold(rid, amount)
     redis.call('ZREM', ctx.holds, rid)
     journal('lapse', 0, 0, {'r', rid, 'x', amount})

@@ -30,27 +30,25 @@
 
 -- Starts of the calendar windows, from the rules' '*cal' line: three per
 -- kind (previous, current, next), the latest not after the server's time
--- being current, as for refills.
-local calendar
+-- being current, as for refills. Only the kind a cap uses is read, with one
+-- match, so a capped call does not split the whole line.
+local CALENDAR_FIELD = {d = 1, w = 2, M = 3}
+local calendar_line
 local function calendar_window(kind)
-  if not calendar then
-    calendar = {}
+  if not calendar_line then
     local at = string.find(ctx.rules, '\n*cal|', 1, true)
-    if at then
-      local stop = string.find(ctx.rules, '\n', at + 1, true) or #ctx.rules + 1
-      local kinds = split(string.sub(ctx.rules, at + 6, stop - 1), '|')
-      for i, name in ipairs({'d', 'w', 'M'}) do calendar[name] = split(kinds[i], ',') end
-    end
+    local stop = string.find(ctx.rules, '\n', at + 1, true) or #ctx.rules + 1
+    calendar_line = string.sub(ctx.rules, at + 6, stop - 1)
   end
-  local starts = calendar[kind]
-  local start, finish = tonumber(starts[1]), tonumber(starts[2])
-  for i = 2, 3 do
-    if tonumber(starts[i]) <= ctx.now then
-      start = tonumber(starts[i])
-      -- The window after the next is a period on; its length is the last's.
-      finish = tonumber(starts[i + 1] or '0')
-      if finish == 0 then finish = start + (start - tonumber(starts[2])) end
-    end
+  local field = CALENDAR_FIELD[kind]
+  local pattern = string.rep('[^|]*|', field - 1) .. '(%d+),(%d+),(%d+)'
+  local previous, current, following = string.match(calendar_line, '^' .. pattern)
+  previous, current, following = tonumber(previous), tonumber(current), tonumber(following)
+  local start, finish = previous, current
+  if current <= ctx.now then
+    start, finish = current, following
+    -- The window after the next is a period on; its length is the last's.
+    if following <= ctx.now then start, finish = following, following + (following - current) end
   end
   return start, finish
 end
@@ -63,19 +61,22 @@ local function load_cap()
     ctx.cap = false
     return nil
   end
-  local f = split(ctx.K, ',')
-  local cap = {credits = tonumber(f[1]), messages = tonumber(f[2])}
-  if f[3] == 'd' or f[3] == 'w' or f[3] == 'M' then
-    cap.start, cap.finish = calendar_window(f[3])
+  local credits, messages, period = string.match(ctx.K, '^([^,]+),([^,]+),(.+)$')
+  local cap = {credits = tonumber(credits), messages = tonumber(messages)}
+  if CALENDAR_FIELD[period] then
+    cap.start, cap.finish = calendar_window(period)
   else
-    local length = tonumber(f[3])
+    local length = tonumber(period)
     cap.start = ctx.now - ctx.now % length
     cap.finish = cap.start + length
   end
-  local v = redis.call('HMGET', ctx.acct, 'Kw', 'Kc', 'Km', 'Kh')
-  cap.used_c, cap.used_m, cap.held = 0, 0, tonumber(v[4] or '0')
-  if tonumber(v[1] or '-1') == cap.start then
-    cap.used_c, cap.used_m = tonumber(v[2]), tonumber(v[3])
+  -- What holds count is ctx.Kh, kept current by the call (drop_cap_hold).
+  local use = redis.call('HMGET', ctx.acct, 'Kw', 'Kc', 'Km')
+  cap.used_c, cap.used_m, cap.held = 0, 0, ctx.Kh
+  -- What the hash holds, so that counting a call writes only what changed.
+  cap.stored_window, cap.stored_held = tonumber(use[1] or '-1'), ctx.Kh
+  if cap.stored_window == cap.start then
+    cap.used_c, cap.used_m = tonumber(use[2]), tonumber(use[3])
   end
   ctx.cap = cap
   return cap
@@ -113,8 +114,16 @@ local function cap_count(credits, messages, held_delta)
   if not cap then return nil end
   cap.used_c, cap.used_m = cap.used_c + credits, cap.used_m + messages
   cap.held = cap.held + held_delta
-  redis.call('HSET', ctx.acct, 'Kw', cap.start, 'Kc', cap.used_c, 'Km', cap.used_m,
-    'Kh', cap.held)
+  local writes = {'HSET', ctx.acct, 'Kc', cap.used_c, 'Km', cap.used_m}
+  if cap.stored_window ~= cap.start then
+    writes[#writes + 1], writes[#writes + 2] = 'Kw', cap.start
+    cap.stored_window = cap.start
+  end
+  if cap.stored_held ~= cap.held then
+    writes[#writes + 1], writes[#writes + 2] = 'Kh', cap.held
+    cap.stored_held = cap.held
+  end
+  redis.call(unpack(writes))
   return {'kw', cap.start, 'kc', cap.used_c, 'km', cap.used_m}
 end
 
@@ -276,14 +285,17 @@ end
 -- Applies a split charge: each level's balances, buckets and cap, and its
 -- journal entry (the call's account always gets one: it carries the key).
 -- 'extra' is the entry's fields; returns the call's account's sequence.
-local function charge_path(levels, op, credits, messages, extra, paid_c, paid_m, covered)
+local function charge_path(levels, op, credits, messages, extra, paid_c, paid_m, covered,
+    held_changed)
   local seq
   each_level(levels, function(level, i)
     if paid_c[i] > 0 then take_credits(paid_c[i]) end
     level.chat = level.chat - paid_m[i]
     local counted = cap_count(credits, messages, 0)
     if i == 1 or paid_c[i] > 0 or paid_m[i] > 0 or counted or covered[i] then
-      save_balances()
+      -- Catching up saved what it changed: a level that does not pay keeps
+      -- its balances as they are, unless the call changed its holds.
+      if i == 1 or paid_c[i] > 0 or paid_m[i] > 0 or held_changed then save_balances() end
       local fields = {}
       for j = 1, #extra do fields[j] = extra[j] end
       local s = journal(op, 0 - paid_c[i], 0 - paid_m[i],
@@ -358,14 +370,6 @@ local function drop_level_hold(rid)
   release_hold(rid, part)
   redis.call('HDEL', ctx.acct, 'r.' .. rid, 'y.' .. rid)
   redis.call('ZREM', ctx.holds, rid)
-  if v[2] then
-    -- What the cap counted goes, even while the level has no cap.
-    local cap = load_cap()
-    if cap then
-      cap.held = cap.held - tonumber(v[2])
-    else
-      redis.call('HINCRBY', ctx.acct, 'Kh', 0 - tonumber(v[2]))
-    end
-  end
+  if v[2] then drop_cap_hold(tonumber(v[2])) end
   return part
 end

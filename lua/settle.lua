@@ -105,7 +105,7 @@ for i = 2, #levels do
   -- A level that held a part journals its release even when it pays nothing.
   if had[i] then covered[i] = true end
 end
-local seq = charge_path(levels, ARGV[9], charged, 0, extra, paid_c, paid_m, covered)
+local seq = charge_path(levels, ARGV[9], charged, 0, extra, paid_c, paid_m, covered, true)
 
 local left = remaining_credits()
 redis.call('HSET', record, 'st', state, 'ch', charged, 'un', uncharged, 'c', left, 'q', seq)
