@@ -122,7 +122,7 @@ def apply_tree_entries(
     the newest of each kind per account wins."""
     placed: dict[str, tuple[int, str | None, str | None]] = {}
     capped: dict[str, tuple[int, str | None]] = {}
-    used: dict[str, tuple[int, tuple[int, int, int]]] = {}
+    used: dict[str, tuple[int, tuple[int | None, int | None, int | None]]] = {}
     for e in sorted(entries, key=lambda entry: entry.seq):
         if e.root is not None:
             placed[e.account] = (e.seq, e.parent, e.root)
@@ -130,6 +130,10 @@ def apply_tree_entries(
             capped[e.account] = (e.seq, e.cap or None)
         if e.cap_use is not None:
             used[e.account] = (e.seq, e.cap_use)
+        elif e.cap == "":
+            # A cap removed takes its use with it (lua/set_cap.lua): set again,
+            # it counts from nothing, and so must the account once reloaded.
+            used[e.account] = (e.seq, (None, None, None))
     table = sql.Identifier(schema)
     with conn.cursor() as cursor:
         if placed:

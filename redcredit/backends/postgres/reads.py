@@ -20,6 +20,7 @@ __all__ = [
     "account_ids",
     "account_roots",
     "account_states",
+    "account_trees",
     "ledger_of",
     "ledger_size",
     "ledger_sums",
@@ -194,6 +195,22 @@ def account_roots(
         "SELECT account, root FROM {}.accounts WHERE account = ANY(%s) AND root IS NOT NULL"
     ).format(sql.Identifier(schema))
     return {account: root for account, root in conn.execute(query, [list(accounts)])}
+
+
+def account_trees(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """Each account's parent, root, cap, and the cap's window, credits and chat messages.
+
+    Read by name from the row, like the loaders' read: a schema before
+    migration 0005 has no tree columns, and its accounts sit in no tree.
+    """
+    query = sql.SQL(
+        "SELECT account, to_jsonb(a) ->> 'parent', to_jsonb(a) ->> 'root', to_jsonb(a) ->> 'cap', "
+        "(to_jsonb(a) ->> 'cap_window')::bigint, (to_jsonb(a) ->> 'cap_credits')::bigint, "
+        "(to_jsonb(a) ->> 'cap_messages')::bigint FROM {}.accounts AS a WHERE account = ANY(%s)"
+    ).format(sql.Identifier(schema))
+    return {row[0]: tuple(row[1:]) for row in conn.execute(query, [list(accounts)])}
 
 
 def ledger_sums(
