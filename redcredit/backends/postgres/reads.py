@@ -86,6 +86,36 @@ def _applied_keys_query(schema: str) -> sql.Composed:
     ).format(sql.Identifier(schema))
 
 
+@lru_cache(maxsize=32)
+def _refilled_query(schema: str, has_buckets: bool) -> sql.Composed:
+    """The instant, in ms on the server's clock, of the account's last refill of credits
+    and of chat messages (NULL: none journaled). Parameters: the account, twice.
+
+    A refill of credits names the refill bucket (a schema without buckets
+    knows only refills that added credits); a refill of chat messages adds
+    some, or journals nothing.
+    """
+    credits = (
+        "bucket = 'refill' AND op = 'refill'"
+        if has_buckets
+        else ("op = 'refill' AND credit_delta > 0")
+    )
+    return sql.SQL(
+        "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
+        "WHERE account = %s AND {1}), "
+        "(SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
+        "WHERE account = %s AND op = 'refill' AND chat_delta > 0)"
+    ).format(sql.Identifier(schema), sql.SQL(credits))
+
+
+def _refilled(found: tuple[Any, ...] | None) -> tuple[tuple[str, int], ...]:
+    if found is None:
+        return ()
+    return tuple(
+        (resource, int(at)) for resource, at in zip("cm", found, strict=True) if at is not None
+    )
+
+
 def _applied_keys_params(account: str, window_ms: int) -> list[Any]:
     return [window_ms, account, window_ms, RESTORED_KEYS_MAX]
 
@@ -102,14 +132,16 @@ def read_snapshot(
     """An account as PostgreSQL has it, read in the caller's transaction behind the fence."""
     conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
     found = conn.execute(_account_query(schema), [schema, account]).fetchone()
-    row, applied, buckets = None, [], []
+    row, applied, buckets, refilled = None, [], [], None
     if found is not None:
         row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
         applied = conn.execute(_applied_keys_query(schema), params).fetchall()
         if has_buckets:
             buckets = conn.execute(open_buckets_query(schema), [account]).fetchall()
-    return snapshot_from_row(row, defaults, applied, buckets)
+        query = _refilled_query(schema, has_buckets)
+        refilled = conn.execute(query, [account, account]).fetchone()
+    return snapshot_from_row(row, defaults, applied, buckets, _refilled(refilled))
 
 
 async def read_snapshot_async(
@@ -124,7 +156,7 @@ async def read_snapshot_async(
     """:func:`read_snapshot` on an async connection."""
     await conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
     found = await (await conn.execute(_account_query(schema), [schema, account])).fetchone()
-    row, applied, buckets = None, [], []
+    row, applied, buckets, refilled = None, [], [], None
     if found is not None:
         row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
@@ -132,7 +164,9 @@ async def read_snapshot_async(
         if has_buckets:
             query = open_buckets_query(schema)
             buckets = await (await conn.execute(query, [account])).fetchall()
-    return snapshot_from_row(row, defaults, applied, buckets)
+        query = _refilled_query(schema, has_buckets)
+        refilled = await (await conn.execute(query, [account, account])).fetchone()
+    return snapshot_from_row(row, defaults, applied, buckets, _refilled(refilled))
 
 
 def snapshot_from_row(
@@ -140,11 +174,13 @@ def snapshot_from_row(
     defaults: AccountSnapshot,
     applied: Sequence[tuple[Any, ...]] = (),
     buckets: Sequence[tuple[Any, ...]] = (),
+    refilled: tuple[tuple[str, int], ...] = (),
 ) -> AccountSnapshot:
     """An account as the system of record has it; unknown ones open with the defaults.
 
     ``buckets``: rows of :func:`~.buckets.open_buckets_query`, besides the base
-    bucket, which holds the rest of the credits.
+    bucket, which holds the rest of the credits. ``refilled``: the instant of
+    the last refill of each resource ('c', 'm') the ledger holds.
     """
     if row is None:
         return defaults
@@ -165,6 +201,7 @@ def snapshot_from_row(
         root=root,
         cap=cap or "",
         cap_use=cap_use if cap else "",
+        refilled=refilled,
     )
 
 
