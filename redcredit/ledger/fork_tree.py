@@ -4,9 +4,9 @@ the cap's use it re-bases onto.
 A call on a path journals one entry per level that pays or counts it; only
 the call's own account's carries the idempotency key, and an ancestor's
 names that account (``via``). A script runs alone, and the call's own entry
-comes first, so the entry of ``via`` just before an ancestor's in the
-tree's stream (every level's entries are in the root's partition) is the
-call's. An ancestor's entry repeats PostgreSQL's side when that call does:
+comes first, so the entry of ``via`` at the same server time just before
+an ancestor's in the tree's stream (every level's entries are in the root's
+partition) is the call's. An ancestor's entry repeats PostgreSQL's side when that call does:
 the ledger of ``via`` holds the key under another entry.
 
 A cap's use is re-based like the balances: PostgreSQL's use in the window
@@ -46,14 +46,18 @@ def repeated_via(
     ancestors = [e for e in entries if e[8] is not None]
     if not ancestors:
         return set()
-    kept: dict[str, list[tuple[tuple[int, int], str, str | None]]] = {}
-    for account, sid, op, key in diverged_calls(conn, schema, sorted({e[8] for e in ancestors})):
+    # The calls' own entries, on the fork too or in the ledger if theirs did not fork:
+    # journaled by the same script, so at the same server time.
+    vias = sorted({e[8] for e in ancestors})
+    times = sorted({e[12] for e in ancestors})
+    kept: dict[tuple[str, Any], list[tuple[tuple[int, int], str, str | None]]] = {}
+    for account, sid, op, key, at in diverged_calls(conn, schema, vias, times):
         if op not in ON_THE_WAY:
-            kept.setdefault(account, []).append((stream_order(sid), sid, key))
+            kept.setdefault((account, at), []).append((stream_order(sid), sid, key))
     calls: dict[str, tuple[str, str, str]] = {}  # ancestor entry -> via, key, its own entry
     for entry in ancestors:
         at = stream_order(entry[0])
-        before = [c for c in kept.get(entry[8], []) if c[0] < at]
+        before = [c for c in kept.get((entry[8], entry[12]), []) if c[0] < at]
         if before:
             _order, own_id, key = max(before)
             if key is not None:

@@ -56,7 +56,9 @@ class TreePlace:
         """Credits and chat messages charged through the cap in its current window."""
         if self.cap is None:
             return None
-        start = cap_window_start(self.cap.split(",")[2], now_ms)
+        start = _window(self.cap, now_ms)
+        if start is None:
+            return None  # a cap no script could read: nothing to compare
         if self.use is None or self.use[0] != start:
             return (0, 0)
         return self.use[1:]
@@ -91,12 +93,19 @@ def tree_problems(in_redis: TreePlace, expected: TreePlace, now_ms: int) -> list
     else:
         theirs, ours = in_redis.use_in(now_ms), expected.use_in(now_ms)
         if theirs != ours and theirs is not None and ours is not None:
-            start = cap_window_start(str(expected.cap).split(",")[2], now_ms)
+            start = _window(str(expected.cap), now_ms)
             problems.append(
                 f"cap use in the window from {start} differs: {theirs[0]} credits and "
                 f"{theirs[1]} chat messages in Redis, {ours[0]} and {ours[1]} in {where}"
             )
     return problems
+
+
+def _window(cap: str, now_ms: int) -> int | None:
+    try:
+        return cap_window_start(cap.split(",")[2], now_ms)
+    except (IndexError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _place(place: TreePlace) -> str:

@@ -257,24 +257,29 @@ def fork_entries(
     conn: psycopg.Connection[Any], schema: str, account: str, fork_id: str
 ) -> list[tuple[Any, ...]]:
     """A fork's entries as kept: stream id, seq, op, both deltas, both balances after, key,
-    and on a tree's path the account the call was for and the cap's window and use after."""
+    and on a tree's path the account the call was for and the cap's window and use after;
+    and the server time."""
     query = sql.SQL(
         "SELECT stream_id, seq, op, credit_delta, chat_delta, credits_after, chat_after, "
-        "idempotency_key, via, cap_window, cap_credits, cap_messages "
+        "idempotency_key, via, cap_window, cap_credits, cap_messages, server_time "
         "FROM {}.diverged_entries WHERE account = %s AND fork_id = %s"
     ).format(sql.Identifier(schema))
     return conn.execute(query, [account, fork_id]).fetchall()
 
 
 def diverged_calls(
-    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str], times: Sequence[Any]
 ) -> list[tuple[Any, ...]]:
-    """Every kept fork entry of these accounts: account, stream id, op, key."""
+    """The entries of these accounts made at these server times, kept apart as a fork's or
+    in the ledger: account, stream id, op, key, server time."""
     query = sql.SQL(
-        "SELECT account, stream_id, op, idempotency_key FROM {}.diverged_entries "
-        "WHERE account = ANY(%s)"
+        "SELECT account, stream_id, op, idempotency_key, server_time FROM {0}.diverged_entries "
+        "WHERE account = ANY(%s) AND server_time = ANY(%s) "
+        "UNION ALL SELECT account, stream_id, op, idempotency_key, server_time FROM {0}.ledger "
+        "WHERE account = ANY(%s) AND server_time = ANY(%s)"
     ).format(sql.Identifier(schema))
-    return conn.execute(query, [list(accounts)]).fetchall()
+    span = [list(accounts), list(times)]
+    return conn.execute(query, span + span).fetchall()
 
 
 def applied_calls(

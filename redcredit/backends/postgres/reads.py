@@ -95,17 +95,19 @@ def _refilled_query(schema: str, has_buckets: bool) -> sql.Composed:
     knows only refills that added credits); a refill of chat messages adds
     some, or journals nothing.
     """
-    credits = (
-        "bucket = 'refill' AND op = 'refill'"
-        if has_buckets
-        else ("op = 'refill' AND credit_delta > 0")
-    )
+    if has_buckets:
+        return sql.SQL(
+            "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint "
+            "FROM {0}.ledger WHERE account = %s AND bucket = 'refill' AND op = 'refill'), "
+            "(SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
+            "WHERE account = %s AND op = 'refill' AND chat_delta > 0)"
+        ).format(sql.Identifier(schema))
     return sql.SQL(
-        "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
-        "WHERE account = %s AND {1}), "
+        "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint "
+        "FROM {0}.ledger WHERE account = %s AND op = 'refill' AND credit_delta > 0), "
         "(SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
         "WHERE account = %s AND op = 'refill' AND chat_delta > 0)"
-    ).format(sql.Identifier(schema), sql.SQL(credits))
+    ).format(sql.Identifier(schema))
 
 
 def _refilled(found: tuple[Any, ...] | None) -> tuple[tuple[str, int], ...]:
