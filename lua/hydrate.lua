@@ -20,9 +20,14 @@
 -- ARGV[16]    the root of its tree, '' for none (keys carry the root's tag)
 -- ARGV[17]    its cap (K, see _scopes.lua), '' for none
 -- ARGV[18]    the cap's use, 'window start,credits,messages', '' for none
+-- ARGV[19]    the instants (ms) of the last refill of each resource the
+--             system of record holds, ';'-separated 'resource,ms' (resource
+--             'c' or 'm'), '' for none: the refill period markers (f<resource>,
+--             see apply_refills in _buckets.lua), so the next refill comes a
+--             period after the last, neither again in its period nor never
 -- KEYS[5..]   idempotency records of calls the system of record holds (the
 --             account's, like KEYS[4]), set only where none exists
--- ARGV[19..]  for each of them: sequence number of the call's entry, ms left
+-- ARGV[20..]  for each of them: sequence number of the call's entry, ms left
 --             in the idempotency window
 --
 -- Returns {0, 0, inserted (0/1)}.
@@ -37,6 +42,13 @@ if ARGV[17] ~= '' then redis.call('HSET', ctx.acct, 'K', ARGV[17]) end
 if ARGV[18] ~= '' then
   local use = split(ARGV[18], ',')
   redis.call('HSET', ctx.acct, 'Kw', use[1], 'Kc', use[2], 'Km', use[3])
+end
+-- A rolling period's marker is the refill's instant; a calendar period's is
+-- its start, and a refill's instant falls in its period, at or after it:
+-- either way the marker apply_refills compares with.
+for _, mark in ipairs(split(ARGV[19], ';')) do
+  local f = split(mark, ',')
+  redis.call('HSET', ctx.acct, 'f' .. f[1], f[2])
 end
 if ARGV[13] == '1' then
   -- The system of record has no history of the account: the entry carries
@@ -63,7 +75,7 @@ if ARGV[14] ~= '' then
 end
 -- A record Redis still has (an eviction keeps them) holds the first reply: kept.
 for i = 5, #KEYS do
-  local at = 19 + (i - 5) * 2
+  local at = 20 + (i - 5) * 2
   redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
     'PX', ARGV[at + 1], 'NX')
 end

@@ -5,7 +5,10 @@
 -- what the live holds need (zero without holds); its sequence number becomes
 -- PostgreSQL's last, and one 'rebase' entry journals the difference and the
 -- buckets as they are (field bs: the fork's changes to them never reached
--- PostgreSQL). Holds, limits, refill markers and idempotency records stay;
+-- PostgreSQL). A tree's level keeps its place and its cap, and its cap's use
+-- becomes the one the syncer worked out as for the balances (ARGV[20]); the
+-- entry carries them (fields pa, ro, K, kw, kc, km), so PostgreSQL's row
+-- takes what the fork changed. Holds, limits, refill markers and idempotency records stay;
 -- those of the calls on PostgreSQL's side are added where none exists. Done
 -- only when Redis is at the newest fork entry PostgreSQL holds, so the syncer
 -- knows every entry of the fork, and idempotent by the fork's first stream
@@ -26,7 +29,10 @@
 -- ARGV[17]    PostgreSQL's plan (kept unless the fork changed the plan)
 -- ARGV[18]    PostgreSQL's last sequence number
 -- ARGV[19]    plan before the fork's first entry ('' if unknown)
--- ARGV[20..]  for each of KEYS[5..]: sequence number of the call's entry, ms
+-- ARGV[20]    the cap's use after the re-base, 'window start,credits,messages'
+--             ('' for none): PostgreSQL's in the window current at the fork's
+--             end, plus what the fork counted in it, less its repeated calls
+-- ARGV[21..]  for each of KEYS[5..]: sequence number of the call's entry, ms
 --             left in the idempotency window
 --
 -- Returns {0, replayed, 'rebased', sequence number before, sequence number of
@@ -85,12 +91,26 @@ for _, b in ipairs(ctx.bk or {}) do
       int(b[BGRANTED]), int(b[BEFF]), int(b[BEXP]), int(b[BMADE]), int(b[BLIVE])}, ',')
   end
 end
-local seq = journal('rebase', ctx.credits - pg_credits, ctx.chat - pg_chat,
-  {'f', fork, 'bs', table.concat(snapshot, ';')})
+local fields = {'f', fork, 'bs', table.concat(snapshot, ';')}
+if ctx.R then
+  fields[#fields + 1], fields[#fields + 2] = 'pa', ctx.P or ''
+  fields[#fields + 1], fields[#fields + 2] = 'ro', ctx.R
+end
+if ctx.R or ctx.K then
+  fields[#fields + 1], fields[#fields + 2] = 'K', ctx.K or ''
+end
+if ctx.K and ARGV[20] ~= '' then
+  local use = split(ARGV[20], ',')
+  redis.call('HSET', ctx.acct, 'Kw', use[1], 'Kc', use[2], 'Km', use[3])
+  for i, name in ipairs({'kw', 'kc', 'km'}) do
+    fields[#fields + 1], fields[#fields + 2] = name, use[i]
+  end
+end
+local seq = journal('rebase', ctx.credits - pg_credits, ctx.chat - pg_chat, fields)
 local reply = {old_seq, seq, net_credits, net_chat, ctx.credits - pg_credits, ctx.chat - pg_chat}
 redis.call('HSET', ctx.acct, 'rb', fork, 'rbo', cmsgpack.pack(reply))
 for i = 5, #KEYS do
-  local at = 20 + (i - 5) * 2
+  local at = 21 + (i - 5) * 2
   redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
     'PX', ARGV[at + 1], 'NX')
 end

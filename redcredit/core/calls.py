@@ -102,6 +102,7 @@ class EngineBase:
 
     def _hydrate(self, keys: AccountKeys, snapshot: AccountSnapshot) -> ScriptCall:
         plan = v.check_plan_name(snapshot.plan)
+        refilled = [(r, at) for r, at in snapshot.refilled if r in ("c", "m")]
         record_keys: list[str] = []
         records: list[int] = []
         for key, sequence, left_ms in snapshot.applied_keys:
@@ -123,6 +124,7 @@ class EngineBase:
                 snapshot.root or "",
                 snapshot.cap,
                 snapshot.cap_use,
+                ";".join(f"{r},{v.check_amount(at, name='refilled')}" for r, at in refilled),
                 *records,
             ],
             extra_keys=record_keys,

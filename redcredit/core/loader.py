@@ -69,6 +69,11 @@ class AccountSnapshot:
     root: str | None = None
     cap: str = ""
     cap_use: str = ""
+    # The instant (ms, server clock) of the last refill of credits ('c') and
+    # of chat messages ('m') the system of record holds: the refill period
+    # markers, so a reloaded account refills neither twice in a period nor
+    # never.
+    refilled: tuple[tuple[str, int], ...] = ()
 
 
 class AccountLoader(Protocol):

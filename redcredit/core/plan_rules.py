@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from ..config import GrantSettings, LimitSettings, PlanSettings, RefillSettings, Settings
 
-__all__ = ["Rules"]
+__all__ = ["Rules", "cap_window_start"]
 
 
 def _ms(duration: timedelta) -> int:
@@ -59,6 +59,19 @@ def _period_starts(every: str, zone: ZoneInfo, now_s: float) -> tuple[int, int, 
         previous = (current - timedelta(days=1)).replace(day=1)
         following = (current + timedelta(days=32)).replace(day=1)
     return tuple(_local_midnight_ms(day, zone) for day in (previous, current, following))  # type: ignore[return-value]
+
+
+_CALENDAR = {"d": "day", "w": "week", "M": "month"}
+
+
+def cap_window_start(period: str, now_ms: int) -> int:
+    """The start of a cap's current window, as ``lua/_scopes.lua`` finds it: a cap's
+    period is a calendar day, week or month in UTC ('d', 'w', 'M'), or a length in ms
+    with windows aligned on the epoch."""
+    if period in _CALENDAR:
+        return _period_starts(_CALENDAR[period], ZoneInfo("UTC"), now_ms / 1000)[1]
+    length = int(period)
+    return now_ms - now_ms % length
 
 
 def _local_midnight_ms(day: date, zone: ZoneInfo) -> int:

@@ -23,7 +23,8 @@ from an older copy), and ``ON CONFLICT DO NOTHING`` would drop it. Instead:
    known; otherwise the script answers the stream's last id, ``until_id``
    moves up to it, and the entries that waited join the fork when offered
    again. The fork's entries that repeat one of PostgreSQL's side (the same
-   idempotency key; a refill of a resource that side refilled too) are left
+   idempotency key, or on a tree an ancestor's entry of such a call, see
+   :mod:`.fork_tree`; a refill of a resource that side refilled too) are left
    out of the net change, and the keys of PostgreSQL's side are restored in
    Redis, so a call retried across the fork is counted once.
 3. **Close**: the ledger takes the ``rebase`` entry like any other (its seq
@@ -58,6 +59,8 @@ from ..backends.postgres import (
     ForkRow,
     account_roots,
     account_states,
+    account_trees,
+    cap_use_before,
     fork_entries,
     forks_of,
     history_since,
@@ -76,20 +79,11 @@ from ..core.plan_rules import Rules
 from ..core.replies import Status
 from ..core.scripts import load_scripts
 from ..errors import RedCreditError
+from .fork_tree import ON_THE_WAY, cap_target, repeated_via, stream_order
 
 __all__ = ["Divergence", "Fork", "RebasePlan", "Sorting", "sort_batch", "stream_order"]
 
 log = logging.getLogger("redcredit.ledger.divergence")
-
-# Entries a call writes on its way (the opening, lapses, refills) carry its
-# idempotency key but are not its effect.
-_ON_THE_WAY = ("lapse", "refill", "open")
-
-
-def stream_order(stream_id: str) -> tuple[int, int]:
-    """A stream id as a pair that sorts as the stream does (text puts "10-2" before "9-3")."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(slots=True)
@@ -337,20 +331,25 @@ class Divergence:
             if op == "refill":
                 refilled[0] |= credit_delta > 0
                 refilled[1] |= chat_delta > 0
-            elif key is not None and op not in _ON_THE_WAY:
+            elif key is not None and op not in ON_THE_WAY:
                 applied[key] = (seq, left)
         repeats = [0, 0]
-        for _sid, _seq, op, credit_delta, chat_delta, _c, _m, key in entries:
+        # A tree's level: its entries of calls made below it that PostgreSQL's side holds.
+        repeated = repeated_via(conn, self.schema, entries)
+        for sid, _seq, op, credit_delta, chat_delta, _c, _m, key, *_tree in entries:
             if op == "refill":
                 repeats[0] += credit_delta if refilled[0] and credit_delta > 0 else 0
                 repeats[1] += chat_delta if refilled[1] and chat_delta > 0 else 0
-            elif key in applied and op not in _ON_THE_WAY:
+            elif (key in applied or sid in repeated) and op not in ON_THE_WAY:
+                repeated.add(sid)
                 repeats[0] += credit_delta
                 repeats[1] += chat_delta
+        tree = account_trees(conn, self.schema, [fork.account]).get(fork.account)
+        pg_use = None if tree is None or tree[3] is None else (tree[3], tree[4], tree[5])
+        base_use = cap_use_before(conn, self.schema, fork.account, fork.fork_seq)
+        cap_use = cap_target(base_use, pg_use, entries, repeated)
         newest = max(entries, key=lambda row: stream_order(row[0]))
-        keys = self.keys.for_account(
-            fork.account, account_roots(conn, self.schema, [fork.account]).get(fork.account)
-        )
+        keys = self.keys.for_account(fork.account, None if tree is None else tree[1])
         restored = sorted(
             ((key, seq, left) for key, (seq, left) in applied.items() if left > 0),
             key=lambda record: record[1],
@@ -361,6 +360,7 @@ class Divergence:
             fork.account, 0, "", "", self._window_ms, self._bypass, self._rules.text(), "",
             fork.fork_id, newest[1], fork.base_credits, fork.base_chat, *repeats,
             pg_credits, pg_chat, pg_plan or "", pg_seq, base_plan,
+            "" if cap_use is None else ",".join(map(str, cap_use)),
         ]  # fmt: skip
         for _key, seq, left in restored:
             args += [seq, left]

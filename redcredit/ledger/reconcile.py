@@ -3,9 +3,10 @@
 For every account, the balances Redis holds must equal those of the newest
 journal entry not yet in PostgreSQL, or else PostgreSQL's own, and its
 credit buckets those of PostgreSQL with the journal not yet applied folded
-in; the ledger of every account must sum to its balance with no gap in its
-sequence numbers, and each bucket's changes in it to the bucket's remaining
-credits.
+in, and so must a tree's member's place in its tree, its cap and the cap's
+use in its current window (:mod:`.tree_check`); the ledger of every account
+must sum to its balance with no gap in its sequence numbers, and each
+bucket's changes in it to the bucket's remaining credits.
 Accounts that change while being compared are checked again. Accounts whose
 history in Redis forked from PostgreSQL's are named: once re-based they must
 agree like any other (the fork's own entries, kept apart, are not compared),
@@ -34,6 +35,7 @@ from ..backends.postgres import (
     LedgerSums,
     account_ids,
     account_states,
+    account_trees,
     bucket_remaining,
     bucket_rows,
     forks_of,
@@ -49,6 +51,7 @@ from ..core.journal import JournalEntry, parse_entry, text
 from ..core.keys import KeySpace
 from ..core.loader import BucketSnapshot
 from .divergence import Fork
+from .tree_check import REDIS_TREE_FIELDS, TreePlace, expected_place, tree_problems
 
 __all__ = ["Drift", "ReconcileReport", "reconcile", "scan_account_hashes", "scan_accounts"]
 
@@ -138,6 +141,7 @@ def _check(
     pg_buckets = bucket_rows(conn, settings.pg_schema, ordered)
     remaining = bucket_remaining(conn, settings.pg_schema, ordered)
     bucket_sums = ledger_bucket_sums(conn, settings.pg_schema, ordered)
+    trees = account_trees(conn, settings.pg_schema, ordered)
     forks: dict[str, list[Fork]] = {}
     for row in forks_of(conn, settings.pg_schema, ordered):
         forks.setdefault(row[0], []).append(Fork.from_row(row))
@@ -145,7 +149,7 @@ def _check(
     report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live, packed = _redis_states(topology, keys, ordered, homes)
+    live, packed, places, now_ms = _redis_states(topology, keys, ordered, homes)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -185,6 +189,8 @@ def _check(
             else:
                 folded = _folded(pg_buckets.get(account, {}), unapplied)
                 problems += _bucket_problems(unpack_buckets(packed.get(account)), folded)
+                place = expected_place(TreePlace.from_row(trees.get(account)), unapplied)
+                problems += tree_problems(places[account], place, now_ms)
         elif unapplied:
             problems.append(f"{len(unapplied)} journal entries for an account Redis does not have")
         if pg_state is not None and account in ledger:
@@ -325,19 +331,28 @@ def _journal(
 
 def _redis_states(
     topology: Topology, keys: KeySpace, accounts: list[str], homes: dict[str, set[str]]
-) -> tuple[dict[str, AccountState], dict[str, bytes]]:
-    """Each account's balances, plan and sequence number, and its packed buckets (field B)."""
-    reads, read_for = [], []
+) -> tuple[dict[str, AccountState], dict[str, bytes], dict[str, TreePlace], int]:
+    """Each account's balances, plan and sequence number, its packed buckets (field B)
+    and its place in its tree; and the server's time, in ms, that judges caps' windows."""
+    fields = ("c", "m", "p", "s", "B", *REDIS_TREE_FIELDS)
+    # Read before the accounts: a window that turns meanwhile can only have
+    # turned for both sides alike.
+    clock = keys.journals()[0]
+    reads, read_for = [Command.of(clock, Pipeline.time)], [""]
     for account in accounts:
         # A tree's member: its hash in its root's partition, a stub in its own.
         for key in sorted(homes.get(account) or {keys.for_account(account).hash}):
-            reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s", "B"))
+            reads.append(Command.of(key, Pipeline.hmget, key, list(fields)))
             read_for.append(account)
-    states, packed = {}, {}
-    for account, values in zip(read_for, run_commands(topology, reads).checked(), strict=True):
+    replies = run_commands(topology, reads).checked()
+    seconds, micros = replies[0]
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    states, packed, places = {}, {}, {}
+    for account, values in zip(read_for[1:], replies[1:], strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))
             if values[4] is not None:
                 packed[account] = values[4]
-    return states, packed
+            places[account] = TreePlace.from_redis(values[5:])
+    return states, packed, places, now_ms

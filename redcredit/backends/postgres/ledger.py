@@ -13,7 +13,10 @@ from .buckets import apply_bucket_entries
 
 __all__ = [
     "ForkRow",
+    "applied_calls",
     "apply_entries",
+    "cap_use_before",
+    "diverged_calls",
     "fork_entries",
     "forks_of",
     "history_since",
@@ -122,7 +125,7 @@ def apply_tree_entries(
     the newest of each kind per account wins."""
     placed: dict[str, tuple[int, str | None, str | None]] = {}
     capped: dict[str, tuple[int, str | None]] = {}
-    used: dict[str, tuple[int, tuple[int, int, int]]] = {}
+    used: dict[str, tuple[int, tuple[int | None, int | None, int | None]]] = {}
     for e in sorted(entries, key=lambda entry: entry.seq):
         if e.root is not None:
             placed[e.account] = (e.seq, e.parent, e.root)
@@ -130,6 +133,10 @@ def apply_tree_entries(
             capped[e.account] = (e.seq, e.cap or None)
         if e.cap_use is not None:
             used[e.account] = (e.seq, e.cap_use)
+        elif e.cap == "":
+            # A cap removed takes its use with it (lua/set_cap.lua): set again,
+            # it counts from nothing, and so must the account once reloaded.
+            used[e.account] = (e.seq, (None, None, None))
     table = sql.Identifier(schema)
     with conn.cursor() as cursor:
         if placed:
@@ -249,12 +256,54 @@ def update_fork(
 def fork_entries(
     conn: psycopg.Connection[Any], schema: str, account: str, fork_id: str
 ) -> list[tuple[Any, ...]]:
-    """A fork's entries as kept: stream id, seq, op, both deltas, both balances after, key."""
+    """A fork's entries as kept: stream id, seq, op, both deltas, both balances after, key,
+    and on a tree's path the account the call was for and the cap's window and use after;
+    and the server time."""
     query = sql.SQL(
         "SELECT stream_id, seq, op, credit_delta, chat_delta, credits_after, chat_after, "
-        "idempotency_key FROM {}.diverged_entries WHERE account = %s AND fork_id = %s"
+        "idempotency_key, via, cap_window, cap_credits, cap_messages, server_time "
+        "FROM {}.diverged_entries WHERE account = %s AND fork_id = %s"
     ).format(sql.Identifier(schema))
     return conn.execute(query, [account, fork_id]).fetchall()
+
+
+def diverged_calls(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str], times: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """The entries of these accounts made at these server times, kept apart as a fork's or
+    in the ledger: account, stream id, op, key, server time."""
+    query = sql.SQL(
+        "SELECT account, stream_id, op, idempotency_key, server_time FROM {0}.diverged_entries "
+        "WHERE account = ANY(%s) AND server_time = ANY(%s) "
+        "UNION ALL SELECT account, stream_id, op, idempotency_key, server_time FROM {0}.ledger "
+        "WHERE account = ANY(%s) AND server_time = ANY(%s)"
+    ).format(sql.Identifier(schema))
+    span = [list(accounts), list(times)]
+    return conn.execute(query, span + span).fetchall()
+
+
+def applied_calls(
+    conn: psycopg.Connection[Any], schema: str, calls: Sequence[tuple[str, str]]
+) -> list[tuple[Any, ...]]:
+    """The ledger's entries of these (account, idempotency key): account, key, op, stream id."""
+    query = sql.SQL(
+        "SELECT l.account, l.idempotency_key, l.op, l.stream_id FROM {}.ledger AS l "
+        "JOIN unnest(%s::text[], %s::text[]) AS c(account, k) "
+        "ON l.account = c.account AND l.idempotency_key = c.k"
+    ).format(sql.Identifier(schema))
+    return conn.execute(query, [[a for a, _ in calls], [k for _, k in calls]]).fetchall()
+
+
+def cap_use_before(
+    conn: psycopg.Connection[Any], schema: str, account: str, seq: int
+) -> tuple[int, int, int] | None:
+    """The cap's window and use as the ledger leaves them before entry ``seq``."""
+    query = sql.SQL(
+        "SELECT cap_window, cap_credits, cap_messages FROM {}.ledger "
+        "WHERE account = %s AND seq < %s AND cap_window IS NOT NULL ORDER BY seq DESC LIMIT 1"
+    ).format(sql.Identifier(schema))
+    row = conn.execute(query, [account, seq]).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 def history_since(

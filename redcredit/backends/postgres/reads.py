@@ -20,6 +20,7 @@ __all__ = [
     "account_ids",
     "account_roots",
     "account_states",
+    "account_trees",
     "ledger_of",
     "ledger_size",
     "ledger_sums",
@@ -85,6 +86,38 @@ def _applied_keys_query(schema: str) -> sql.Composed:
     ).format(sql.Identifier(schema))
 
 
+@lru_cache(maxsize=32)
+def _refilled_query(schema: str, has_buckets: bool) -> sql.Composed:
+    """The instant, in ms on the server's clock, of the account's last refill of credits
+    and of chat messages (NULL: none journaled). Parameters: the account, twice.
+
+    A refill of credits names the refill bucket (a schema without buckets
+    knows only refills that added credits); a refill of chat messages adds
+    some, or journals nothing.
+    """
+    if has_buckets:
+        return sql.SQL(
+            "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint "
+            "FROM {0}.ledger WHERE account = %s AND bucket = 'refill' AND op = 'refill'), "
+            "(SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
+            "WHERE account = %s AND op = 'refill' AND chat_delta > 0)"
+        ).format(sql.Identifier(schema))
+    return sql.SQL(
+        "SELECT (SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint "
+        "FROM {0}.ledger WHERE account = %s AND op = 'refill' AND credit_delta > 0), "
+        "(SELECT (extract(epoch FROM max(server_time)) * 1000)::bigint FROM {0}.ledger "
+        "WHERE account = %s AND op = 'refill' AND chat_delta > 0)"
+    ).format(sql.Identifier(schema))
+
+
+def _refilled(found: tuple[Any, ...] | None) -> tuple[tuple[str, int], ...]:
+    if found is None:
+        return ()
+    return tuple(
+        (resource, int(at)) for resource, at in zip("cm", found, strict=True) if at is not None
+    )
+
+
 def _applied_keys_params(account: str, window_ms: int) -> list[Any]:
     return [window_ms, account, window_ms, RESTORED_KEYS_MAX]
 
@@ -101,14 +134,16 @@ def read_snapshot(
     """An account as PostgreSQL has it, read in the caller's transaction behind the fence."""
     conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
     found = conn.execute(_account_query(schema), [schema, account]).fetchone()
-    row, applied, buckets = None, [], []
+    row, applied, buckets, refilled = None, [], [], None
     if found is not None:
         row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
         applied = conn.execute(_applied_keys_query(schema), params).fetchall()
         if has_buckets:
             buckets = conn.execute(open_buckets_query(schema), [account]).fetchall()
-    return snapshot_from_row(row, defaults, applied, buckets)
+        query = _refilled_query(schema, has_buckets)
+        refilled = conn.execute(query, [account, account]).fetchone()
+    return snapshot_from_row(row, defaults, applied, buckets, _refilled(refilled))
 
 
 async def read_snapshot_async(
@@ -123,7 +158,7 @@ async def read_snapshot_async(
     """:func:`read_snapshot` on an async connection."""
     await conn.execute(_FENCE_FOR_LOAD, [fence_class(schema), partition])
     found = await (await conn.execute(_account_query(schema), [schema, account])).fetchone()
-    row, applied, buckets = None, [], []
+    row, applied, buckets, refilled = None, [], [], None
     if found is not None:
         row, has_buckets = (*found[:4], *found[5:]), found[4]
         params = _applied_keys_params(account, window_ms)
@@ -131,7 +166,9 @@ async def read_snapshot_async(
         if has_buckets:
             query = open_buckets_query(schema)
             buckets = await (await conn.execute(query, [account])).fetchall()
-    return snapshot_from_row(row, defaults, applied, buckets)
+        query = _refilled_query(schema, has_buckets)
+        refilled = await (await conn.execute(query, [account, account])).fetchone()
+    return snapshot_from_row(row, defaults, applied, buckets, _refilled(refilled))
 
 
 def snapshot_from_row(
@@ -139,11 +176,13 @@ def snapshot_from_row(
     defaults: AccountSnapshot,
     applied: Sequence[tuple[Any, ...]] = (),
     buckets: Sequence[tuple[Any, ...]] = (),
+    refilled: tuple[tuple[str, int], ...] = (),
 ) -> AccountSnapshot:
     """An account as the system of record has it; unknown ones open with the defaults.
 
     ``buckets``: rows of :func:`~.buckets.open_buckets_query`, besides the base
-    bucket, which holds the rest of the credits.
+    bucket, which holds the rest of the credits. ``refilled``: the instant of
+    the last refill of each resource ('c', 'm') the ledger holds.
     """
     if row is None:
         return defaults
@@ -164,6 +203,7 @@ def snapshot_from_row(
         root=root,
         cap=cap or "",
         cap_use=cap_use if cap else "",
+        refilled=refilled,
     )
 
 
@@ -194,6 +234,22 @@ def account_roots(
         "SELECT account, root FROM {}.accounts WHERE account = ANY(%s) AND root IS NOT NULL"
     ).format(sql.Identifier(schema))
     return {account: root for account, root in conn.execute(query, [list(accounts)])}
+
+
+def account_trees(
+    conn: psycopg.Connection[Any], schema: str, accounts: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """Each account's parent, root, cap, and the cap's window, credits and chat messages.
+
+    Read by name from the row, like the loaders' read: a schema before
+    migration 0005 has no tree columns, and its accounts sit in no tree.
+    """
+    query = sql.SQL(
+        "SELECT account, to_jsonb(a) ->> 'parent', to_jsonb(a) ->> 'root', to_jsonb(a) ->> 'cap', "
+        "(to_jsonb(a) ->> 'cap_window')::bigint, (to_jsonb(a) ->> 'cap_credits')::bigint, "
+        "(to_jsonb(a) ->> 'cap_messages')::bigint FROM {}.accounts AS a WHERE account = ANY(%s)"
+    ).format(sql.Identifier(schema))
+    return {row[0]: tuple(row[1:]) for row in conn.execute(query, [list(accounts)])}
 
 
 def ledger_sums(
