@@ -69,6 +69,9 @@ class AccountSnapshot:
     root: str | None = None
     cap: str = ""
     cap_use: str = ""
+    # How many children it has in its tree (docs/scopes.md); None when the
+    # system of record keeps no count (a schema before migration 0006).
+    children: int | None = 0
 
 
 class AccountLoader(Protocol):

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from ..errors import (
     AccountHasHistory,
+    AccountMoved,
     AlreadyApplied,
     BalanceOverflow,
     CapReached,
@@ -56,6 +57,7 @@ __all__ = [
     "grant_change",
     "has_history",
     "limit_reset",
+    "moved",
     "plan_change",
     "refusal",
     "reservation",
@@ -96,6 +98,16 @@ class Status(IntEnum):
     # The account is in a tree and was named without its path.
     IN_TREE = 18
     HAS_HISTORY = 19
+    # The account left this place: its tombstone names where it went.
+    MOVED = 20
+    HAS_CHILDREN = 21
+    HAS_HOLDS = 22
+    # Live holds on the path's ancestors whose reservation records the
+    # caller must name before a move can tell whether they are the account's.
+    HOLDS_UNKNOWN = 23
+    # A hash made before the count of children: pass the system of record's.
+    UNCOUNTED = 24
+    MOVE_BUSY = 25
 
 
 # A bypassing plan's balances in replies (-2**53): with an overdraft a real
@@ -176,6 +188,8 @@ def refusal(
             return ScopeRequired(account=account, root=text(reply[2]))
         case Status.HAS_HISTORY:
             return has_history(account)
+        case Status.MOVED:
+            return moved(account, text(reply[2]), text(reply[3]))
         case Status.RES_NOT_FOUND:
             return ReservationNotFound(
                 f"no reservation {reservation_id} for account {account!r} "
@@ -227,6 +241,18 @@ def has_history(account: str) -> AccountHasHistory:
         f"account {account!r} has balances or a history of its own: only a new "
         "account can be attached to a tree",
         account=account,
+    )
+
+
+def moved(account: str, level: str, destination: str) -> AccountMoved:
+    """The refusal of a call on a place ``level`` moved away from (its tombstone's
+    destination: the new parent's path, '\n'-separated; '' a root of its own)."""
+    to = tuple(destination.split("\n")) if destination else None
+    where = "a root of its own" if to is None else "under " + "/".join(to)
+    return AccountMoved(
+        f"account {level!r} was moved: it is {where} now (call for {account!r})",
+        account=account,
+        to=to,
     )
 
 
