@@ -145,7 +145,7 @@ def _check(
     report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live, packed = _redis_states(topology, keys, ordered, homes)
+    live, packed, half_done = _redis_states(topology, keys, ordered, homes)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -163,6 +163,14 @@ def _check(
         )
         redis_state = live.get(account)
         problems: list[str] = []
+        if account in half_done:
+            move_id, destination = half_done[account]
+            where = "/".join(destination.split("\n")) or "a root of its own"
+            problems.append(
+                f"a move to {where} is half-done: its snapshot waits in its tombstone; "
+                f"finish it with `redcredit move {account} --key {move_id}` and the same "
+                "destination"
+            )
         pending = [f for f in known if f.is_open]
         if pending:
             problems.append(
@@ -201,7 +209,8 @@ def _check(
 def _may_be_in_flight(problems: list[str]) -> bool:
     # A syncer committing between our reads makes the ledger briefly disagree;
     # a fork is re-based by the syncer right after it finds it.
-    return any("ledger" in p or "re-base is pending" in p for p in problems)
+    # A move in progress leaves its tombstone for the moment between its steps.
+    return any("ledger" in p or "re-base is pending" in p or "half-done" in p for p in problems)
 
 
 def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:
@@ -325,19 +334,24 @@ def _journal(
 
 def _redis_states(
     topology: Topology, keys: KeySpace, accounts: list[str], homes: dict[str, set[str]]
-) -> tuple[dict[str, AccountState], dict[str, bytes]]:
-    """Each account's balances, plan and sequence number, and its packed buckets (field B)."""
+) -> tuple[dict[str, AccountState], dict[str, bytes], dict[str, tuple[str, str]]]:
+    """Each account's balances, plan and sequence number, its packed buckets (field B),
+    and the moves left half-done: the tombstone's move id and destination."""
     reads, read_for = [], []
     for account in accounts:
         # A tree's member: its hash in its root's partition, a stub in its own.
         for key in sorted(homes.get(account) or {keys.for_account(account).hash}):
-            reads.append(Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s", "B"))
+            reads.append(
+                Command.of(key, Pipeline.hmget, key, "c", "m", "p", "s", "B", "M", "F", "D")
+            )
             read_for.append(account)
-    states, packed = {}, {}
+    states, packed, half_done = {}, {}, {}
     for account, values in zip(read_for, run_commands(topology, reads).checked(), strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))
             if values[4] is not None:
                 packed[account] = values[4]
-    return states, packed
+        elif values[5] is not None and values[6] is None:
+            half_done[account] = (text(values[5]), text(values[7] or b""))
+    return states, packed, half_done
