@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from .. import validation as v
-from ..errors import InvalidInput, MoveReason, MoveRefused, NotInScope, RedCreditError
+from ..errors import InvalidInput, MoveRefused, NotInScope, RedCreditError
 from ..results import Moved
 from ..scopes import MAX_DEPTH, Scope
 from . import replies
@@ -254,25 +254,11 @@ def _checked(
 
 
 def _move_refusal(reply: Reply, account: str) -> RedCreditError:
-    match reply[0]:
-        case Status.HAS_CHILDREN:
-            return _refused(
-                account, "children", f"it has {int(reply[2])} children: only a leaf moves"
-            )
-        case Status.HAS_HOLDS:
-            return _refused(account, "holds", "it has a live reservation")
-        case Status.MOVE_BUSY:
-            move_id = replies.text(reply[2]) or None
-            return _refused(
-                account, "busy", f"another move of it ({move_id!r}) is half-done", move_id
-            )
-    return replies.refusal(reply, account) or RedCreditError(f"unexpected reply {reply!r}")
+    refused = replies.refusal(reply, account)
+    return refused or RedCreditError(f"unexpected reply from Redis: {reply!r}")
 
 
-def _refused(account: str, reason: MoveReason, why: str, move_id: str | None = None) -> MoveRefused:
-    return MoveRefused(
-        f"account {account!r} cannot move: {why}", account=account, reason=reason, move_id=move_id
-    )
+_refused = replies.move_refused
 
 
 def _opt(value: bytes | str | None) -> str | None:

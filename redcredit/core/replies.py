@@ -24,6 +24,8 @@ from ..errors import (
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
+    MoveReason,
+    MoveRefused,
     NotInScope,
     RateLimited,
     RedCreditError,
@@ -57,6 +59,7 @@ __all__ = [
     "grant_change",
     "has_history",
     "limit_reset",
+    "move_refused",
     "moved",
     "plan_change",
     "refusal",
@@ -190,6 +193,19 @@ def refusal(
             return has_history(account)
         case Status.MOVED:
             return moved(account, text(reply[2]), text(reply[3]))
+        case Status.HAS_CHILDREN:
+            return move_refused(account, "children", f"it has {int(reply[2])} children")
+        case Status.HAS_HOLDS | Status.HOLDS_UNKNOWN:
+            return move_refused(account, "holds", "it has a live reservation")
+        case Status.UNCOUNTED:
+            return move_refused(
+                account, "uncounted", f"{text(reply[2])!r}'s children are not counted"
+            )
+        case Status.MOVE_BUSY:
+            move_id = text(reply[2]) or None
+            return move_refused(
+                account, "busy", f"another move of it ({move_id!r}) is half-done", move_id
+            )
         case Status.RES_NOT_FOUND:
             return ReservationNotFound(
                 f"no reservation {reservation_id} for account {account!r} "
@@ -253,6 +269,15 @@ def moved(account: str, level: str, destination: str) -> AccountMoved:
         f"account {level!r} was moved: it is {where} now (call for {account!r})",
         account=account,
         to=to,
+    )
+
+
+def move_refused(
+    account: str, reason: MoveReason, why: str, move_id: str | None = None
+) -> MoveRefused:
+    """A move refused, before any I/O or by a script; nothing was changed."""
+    return MoveRefused(
+        f"account {account!r} cannot move: {why}", account=account, reason=reason, move_id=move_id
     )
 
 
