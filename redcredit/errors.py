@@ -28,7 +28,6 @@ __all__ = [
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
-    "MoveReason",
     "MoveRefused",
     "NotDurable",
     "NotInScope",
