@@ -56,7 +56,7 @@ class MoveOperations(EngineBase):
     def _move(
         self, account: str, dest: tuple[str, ...], key: str, *, finish: bool
     ) -> Operation[Moved]:
-        old = yield from self._locate(account)
+        old = yield from self._locate(account, key)
         if dest:
             yield from self._check_destination(Scope(*dest), account)
         old_target = Target.of(self.keys, Scope(*old))
@@ -85,10 +85,12 @@ class MoveOperations(EngineBase):
             sequence = yield from self._move_in(
                 old_target, new_target, key, snapshot, seq, old, replayed
             )
-        if new_target.keys.hash != own and dest:
-            yield self._standalone("restub", own, dest[0])
+        # The tombstone is marked done before the stub moves on: until the stub
+        # names the new root, a retry finds the tombstone, and so its way here.
         if old_target.keys.hash != new_target.keys.hash:
             yield self._standalone("move_done", old_target.keys.hash, key)
+        if new_target.keys.hash != own and dest:
+            yield self._standalone("restub", own, dest[0])
         return Moved(account, (*dest, account), old, True, sequence, replayed)
 
     def _standalone(self, script: str, key: str, arg: str) -> ScriptCall:
@@ -96,7 +98,7 @@ class MoveOperations(EngineBase):
 
     # -- the steps ---------------------------------------------------------------
 
-    def _locate(self, account: str) -> Generator[Step, Any, tuple[str, ...]]:
+    def _locate(self, account: str, key: str) -> Generator[Step, Any, tuple[str, ...]]:
         """The account's path now, root first, read from Redis (PostgreSQL for a level
         evicted from it); a half-done move's tombstone gives the path it left."""
         own: Reply = yield self._standalone("locate", self.keys.for_account(account).hash, "")
@@ -123,6 +125,9 @@ class MoveOperations(EngineBase):
             if move_id is not None and credits is None:
                 if level == account and done is None and left is not None:
                     return tuple(left.split("\n"))
+                if level == account and move_id == key:
+                    # This move, done but for the stub: the account is where it went.
+                    return (*filter(None, (dest or "").split("\n")), account)
                 raise replies.moved(account, level, dest or "")
             if credits is None:
                 snapshot = yield LoadAccount(level)

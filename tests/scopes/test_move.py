@@ -220,3 +220,16 @@ def test_spends_racing_a_move_succeed_on_one_side_only(rc: RedCredit, side: str)
     assert rc.balance("acme").credits == 0 and rc.balance("globex").credits == 0
     ours = [e for e in entries(rc, "acme", "alice") + entries(rc, "globex", "alice")]
     assert -sum(int(e["dc"]) for e in ours if e["op"] == "spend") == len(paid)
+
+
+def test_a_crash_before_the_stub_moves_on_is_finished_by_a_retry(rc: RedCredit) -> None:
+    tree(rc, ("acme", "research"), ALICE.path, OPS.path)
+    first = rc.move("alice", OPS, idempotency_key="mv")
+    # As if the last step had not run: the stub still names the old root.
+    stub = rc.engine.keys.for_account("alice").hash
+    if rc.redis.hexists(stub, "c"):
+        pytest.skip("alice's own partition is globex's: her hash is the stub")
+    rc.redis.hset(stub, "R", "acme")
+    again = rc.move("alice", OPS, idempotency_key="mv")
+    assert (again.replayed, again.sequence) == (True, first.sequence)
+    assert rc.redis.hget(stub, "R") == b"globex"
