@@ -233,3 +233,25 @@ def test_a_crash_before_the_stub_moves_on_is_finished_by_a_retry(rc: RedCredit) 
     again = rc.move("alice", OPS, idempotency_key="mv")
     assert (again.replayed, again.sequence) == (True, first.sequence)
     assert rc.redis.hget(stub, "R") == b"globex"
+
+
+def test_a_hydration_racing_the_move_does_not_bring_the_account_back(rc: RedCredit) -> None:
+    from redcredit import AccountSnapshot
+    from redcredit.core.replies import Status
+
+    tree(rc, ("acme", "research"), ALICE.path, OPS.path)
+    rc.grant(ALICE, 10)
+    rc.run(rc.engine.move_out("alice", OPS, idempotency_key="mv"))
+    # A call that found the account missing before the move, loading it after.
+    old = rc.engine.keys.for_account("alice", "acme")
+    stale = AccountSnapshot(
+        credits=10, chat_messages=0, plan="free", sequence=2, parent="research", root="acme"
+    )
+
+    def hydrate():  # type: ignore[no-untyped-def]
+        return (yield rc.engine._hydrate(old, stale))
+
+    assert rc.run(hydrate())[0] == Status.MOVED
+    assert not rc.redis.hexists(old.hash, "c")
+    rc.move("alice", OPS, idempotency_key="mv")
+    assert rc.balance(OPS.child("alice")).credits == 10
