@@ -7,7 +7,9 @@
 --                             r.<reservation id> = amount of each active hold,
 --                             and the credit buckets (fields B, N, O, q.<id>:
 --                             see _buckets.lua), a tree member's P, R and
---                             cap K, Kw, Kc, Km, Kh (see _scopes.lua)
+--                             cap K, Kw, Kc, Km, Kh and its children Z
+--                             (see _scopes.lua); a moved account's
+--                             tombstone has none of these (see move_out.lua)
 --   KEYS[2] holds sorted set  member = reservation id, score = deadline (ms)
 --   KEYS[3] journal stream    of the account's partition
 --   KEYS[4] idempotency key   string: fingerprint, newline, msgpack'd first reply
@@ -40,6 +42,8 @@ local RES_NOT_FOUND, RES_LAPSED, IDEM_CONFLICT, OVERFLOW = 4, 5, 6, 7
 local RES_EXISTS, RES_CLOSED, RATE_LIMITED, APPLIED_BEFORE = 8, 9, 10, 11
 local GRANT_EXISTS, GRANT_NOT_FOUND, TOO_MANY_GRANTS, GRANT_EXPIRED = 12, 13, 14, 15
 local CAP_REACHED, NOT_IN_SCOPE, IN_TREE, HAS_HISTORY = 16, 17, 18, 19
+local MOVED, HAS_CHILDREN, HAS_HOLDS, HOLDS_UNKNOWN = 20, 21, 22, 23
+local UNCOUNTED, MOVE_BUSY = 24, 25
 -- The fingerprint of a record reloaded from the system of record, which keeps
 -- only that the key was applied, and at which sequence number.
 local RELOADED = '*'

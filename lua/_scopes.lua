@@ -16,6 +16,12 @@
 --        messages charged through the member in it
 --   Kh   credits that live reservations through it may still charge
 --   y.<rid>  a reservation's part of Kh, dropped with the hold
+--   Z    how many children it has (attach and move_in add one, move_out
+--        takes one away; each change journals a 'child' entry on it). A
+--        hash made before the count has no Z: the caller then passes the
+--        count the system of record holds (see children_of)
+--   Mi, Ms   the move that brought it to this place, and the sequence of
+--        its 'move_in' entry (move_in.lua)
 -- A member's own partition, when another, keeps a stub with R alone: a call
 -- naming the member without its path is refused (IN_TREE) instead of
 -- opening a second account of the same id.
@@ -140,6 +146,40 @@ local function ancestor_context(acct, holds)
   }
 end
 
+-- The reply to a level missing from Redis: moved away (its tombstone, see
+-- move_out.lua, names where to), or to be hydrated by the caller.
+local function absent_reply(level)
+  local t = redis.call('HMGET', level.acct, 'M', 'D')
+  if t[1] then return {MOVED, 0, level.account, t[2] or ''} end
+  return {MISSING, 0, level.account}
+end
+
+-- The children of a level: its Z, or for a hash made before the count the
+-- system of record's count, which the caller passes in 'counts' ('id\nn'
+-- pairs, n -1 when the system of record keeps no count); nil when neither
+-- is known yet (the caller reads it, then calls again).
+local function children_of(level, counts)
+  local z = redis.call('HGET', level.acct, 'Z')
+  if z then return tonumber(z) end
+  local parts = split(counts, '\n')
+  for i = 1, #parts - 1, 2 do
+    if parts[i] == level.account then return tonumber(parts[i + 1]) end
+  end
+  return nil
+end
+
+-- Adds 'delta' to a level's children ('had' from children_of) and journals
+-- it on the level ('child': 'Z' the count after, 'v' the child, 'f' why).
+-- Without a count anywhere (-1) nothing is counted.
+local function count_child(level, had, delta, child, why)
+  if had < 0 then return end
+  local leaf = ctx
+  ctx = level
+  redis.call('HSET', level.acct, 'Z', had + delta)
+  journal('child', 0, 0, {'Z', had + delta, 'v', child, 'f', why})
+  ctx = leaf
+end
+
 -- The levels of the call, its account first and the root last, loaded and
 -- checked against the stored tree; or nil and the reply refusing the call.
 -- 'own' is the number of keys the script has before the ancestors'.
@@ -154,7 +194,7 @@ local function open_path(own)
     ctx = leaf
     -- An account of another tree (or its stub) named without its path.
     if #levels == 1 and level.R then return nil, {IN_TREE, 0, level.R} end
-    if not found then return nil, {MISSING, 0, level.account} end
+    if not found then return nil, absent_reply(level) end
     local parent = false
     if levels[i + 1] then parent = levels[i + 1].account end
     if level.P ~= parent or (parent and level.R ~= root) then

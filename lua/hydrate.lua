@@ -25,20 +25,27 @@
 --             'c' or 'm'), '' for none: the refill period markers (f<resource>,
 --             see apply_refills in _buckets.lua), so the next refill comes a
 --             period after the last, neither again in its period nor never
+-- ARGV[20]    its children (Z, see _scopes.lua), '' when the system of
+--             record keeps no count
 -- KEYS[5..]   idempotency records of calls the system of record holds (the
 --             account's, like KEYS[4]), set only where none exists
--- ARGV[20..]  for each of them: sequence number of the call's entry, ms left
+-- ARGV[21..]  for each of them: sequence number of the call's entry, ms left
 --             in the idempotency window
 --
--- Returns {0, 0, inserted (0/1)}.
+-- Returns {0, 0, inserted (0/1)};
+--   {20, 0, account, destination} when the account has moved away from
+--     here: its tombstone stays (see move_out.lua).
 
 -- Only the stub a tree's member keeps here (field R) may be there already.
-if redis.call('HGET', ctx.acct, 'c') then return {OK, 0, 0} end
+local v = redis.call('HMGET', ctx.acct, 'c', 'M', 'D')
+if v[1] then return {OK, 0, 0} end
+if v[2] then return {MOVED, 0, ctx.account, v[3] or ''} end
 ctx.credits, ctx.chat, ctx.held, ctx.plan = tonumber(ARGV[9]), tonumber(ARGV[10]), 0, ARGV[11]
 redis.call('HSET', ctx.acct, 'c', ctx.credits, 'm', ctx.chat, 'h', 0, 'p', ctx.plan,
   's', ARGV[12])
 if ARGV[15] ~= '' then redis.call('HSET', ctx.acct, 'P', ARGV[15], 'R', ARGV[16]) end
 if ARGV[17] ~= '' then redis.call('HSET', ctx.acct, 'K', ARGV[17]) end
+if ARGV[20] ~= '' then redis.call('HSET', ctx.acct, 'Z', ARGV[20]) end
 if ARGV[18] ~= '' then
   local use = split(ARGV[18], ',')
   redis.call('HSET', ctx.acct, 'Kw', use[1], 'Kc', use[2], 'Km', use[3])
@@ -75,7 +82,7 @@ if ARGV[14] ~= '' then
 end
 -- A record Redis still has (an eviction keeps them) holds the first reply: kept.
 for i = 5, #KEYS do
-  local at = 20 + (i - 5) * 2
+  local at = 21 + (i - 5) * 2
   redis.call('SET', KEYS[i], RELOADED .. '\n' .. cmsgpack.pack({APPLIED_BEFORE, 1, tonumber(ARGV[at])}),
     'PX', ARGV[at + 1], 'NX')
 end

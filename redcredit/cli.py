@@ -252,6 +252,25 @@ def _reconcile(args: argparse.Namespace) -> int:
     return Exit.OK if report.clean else Exit.FAILED
 
 
+def _move(args: argparse.Namespace) -> int:
+    from .clients.sync_client import RedCredit
+    from .scopes import Scope
+
+    settings = _settings(args)
+    to = None if args.to_root else Scope(*args.to.split("/"))
+    with RedCredit(settings=settings) as rc:
+        moved = rc.move(args.account, to, idempotency_key=args.key)
+    if not moved.moved:
+        print(f"{args.account!r} is at {'/'.join(moved.path)} already: nothing to do")
+    else:
+        again = " (finished, or answered again)" if moved.replayed else ""
+        print(
+            f"moved {args.account!r} from {'/'.join(moved.previous)} to "
+            f"{'/'.join(moved.path)}{again}"
+        )
+    return Exit.OK
+
+
 def _evict(args: argparse.Namespace) -> int:
     from .ledger.evict import evict_idle
 
@@ -372,7 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds idle (default a day)",
     )
     evict.set_defaults(handler=_evict)
-    for command in (demo, migrate, sync, reconcile, evict):
+    move = commands.add_parser(
+        "move", help="move a leaf account under another parent, or out to be a root of its own"
+    )
+    move.add_argument("account", help="the account id")
+    where = move.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", help="the new parent's path, root first: ROOT/.../PARENT")
+    where.add_argument("--to-root", action="store_true", help="make it a root of its own")
+    move.add_argument(
+        "--key",
+        required=True,
+        help="the move's id: run again with it to finish an interrupted move",
+    )
+    move.set_defaults(handler=_move)
+    for command in (demo, migrate, sync, reconcile, evict, move):
         # SUPPRESS: a --config given before the command is not reset to None.
         _config_option(command, argparse.SUPPRESS)
     return parser

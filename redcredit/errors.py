@@ -6,9 +6,12 @@ callers that need to tell "pay" from "wait" from "retry later" catch the leaves.
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
     "AccountHasHistory",
     "AccountIdError",
+    "AccountMoved",
     "AlreadyApplied",
     "BackendUnavailable",
     "BalanceOverflow",
@@ -25,6 +28,7 @@ __all__ = [
     "InsufficientCredits",
     "InsufficientFunds",
     "InvalidInput",
+    "MoveRefused",
     "NotDurable",
     "NotInScope",
     "RateLimited",
@@ -274,6 +278,53 @@ class ScopeRequired(ScopeError, InvalidInput):
 
 class AccountHasHistory(ScopeError, InvalidInput):
     """Only a new account can be attached to a tree: this one has balances of its own."""
+
+
+class AccountMoved(ScopeError):
+    """The account was moved away from the place the call names (docs/scopes.md).
+
+    ``to`` is the path of its new parent, root first (``None``: it is a root
+    of its own now); ``move_id`` the idempotency key of the move still under
+    way, when ``done`` is False.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        account: str,
+        to: tuple[str, ...] | None,
+        move_id: str | None = None,
+        done: bool = True,
+    ) -> None:
+        self.to = to
+        self.move_id = move_id
+        self.done = done
+        super().__init__(message, account=account)
+
+
+MoveReason = Literal[
+    "children", "holds", "cycle", "depth", "target", "not_found", "busy", "uncounted"
+]
+
+
+class MoveRefused(ScopeError):
+    """A move was refused and nothing changed; ``reason`` says why.
+
+    ``children``: the account has children (only a leaf moves); ``holds``: it
+    has a live reservation; ``cycle``: the destination is in its own subtree;
+    ``depth``: the tree would pass four levels; ``target``: the new parent
+    does not exist; ``not_found``: the account does not; ``busy``: another
+    move of it is half-done (``move_id``: retry that one); ``uncounted``: the
+    system of record keeps no count of children yet (run ``redcredit migrate``).
+    """
+
+    def __init__(
+        self, message: str, *, account: str, reason: MoveReason, move_id: str | None = None
+    ) -> None:
+        self.reason: MoveReason = reason
+        self.move_id = move_id
+        super().__init__(message, account=account)
 
 
 class CapReached(RedCreditError):

@@ -15,6 +15,7 @@ __all__ = [
     "CapChange",
     "CreditBucket",
     "LimitState",
+    "Moved",
     "PlanChange",
     "Reservation",
     "ReservationRef",
@@ -220,6 +221,22 @@ class Attached:
     path: tuple[str, ...]
     attached: bool
     sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """An account moved: ``path`` is where it is now, ``previous`` where it was.
+
+    ``moved`` False: it was there already, and nothing changed. ``sequence``
+    is its ``move_in`` entry's (its newest, when nothing moved).
+    """
+
+    account: str
+    path: tuple[str, ...]
+    previous: tuple[str, ...]
+    moved: bool
+    sequence: int
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

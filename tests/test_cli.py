@@ -34,7 +34,7 @@ def test_demo_plays_the_whole_scenario(
     lag_rows = out.split("its lag falls to zero:")[1].split("PostgreSQL ledger")[0]
     waiting = [int(line.split()[1]) for line in lag_rows.strip().splitlines()[1:]]
     assert waiting[0] >= 5000 and waiting[-1] == 0
-    assert "(5429 rows in all)" in out
+    assert "(5431 rows in all)" in out
     ledger = out.split("PostgreSQL ledger")[1].splitlines()
     assert [line.split()[1] for line in ledger[3:13]] == [
         "open", "spend", "spend", "spend", "spend", "grant", "turn", "spend", "reserve", "settle",

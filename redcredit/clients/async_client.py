@@ -30,6 +30,7 @@ from ..results import (
     Balance,
     BalanceChange,
     CapChange,
+    Moved,
     PlanChange,
     Reservation,
     Settlement,
@@ -373,6 +374,14 @@ class AsyncRedCredit:
     ) -> CapChange:
         """Admin: the most calls through this level may charge per window (``None``: no cap)."""
         return await self.run(self.engine.set_cap(account, cap, idempotency_key=idempotency_key))
+
+    async def move(self, account: str | Scope, to: Scope | None, *, idempotency_key: str) -> Moved:
+        """Admin: moves a leaf account, with all it holds, under the parent ``to``
+        names (any tree), or out to be a root of its own (``None``); docs/scopes.md.
+
+        Calling again with the same key finishes a move a failure interrupted.
+        """
+        return await self.run(self.engine.move(account, to, idempotency_key=idempotency_key))
 
     def reservation(
         self,

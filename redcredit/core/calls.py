@@ -98,7 +98,34 @@ class EngineBase:
             account = target.account if len(reply) < 3 else replies.text(reply[2])
             snapshot: AccountSnapshot = yield LoadAccount(account)
             check_snapshot_place(target, account, snapshot)
-            yield self._hydrate(target.level_keys(self.keys, account), snapshot)
+            hydrated: Reply = yield self._hydrate(target.level_keys(self.keys, account), snapshot)
+            if hydrated[0] == Status.MOVED:
+                raise replies.moved(target.account, account, replies.text(hydrated[3]))
+
+    def _run_counted(
+        self,
+        make: Callable[[str], ScriptCall],
+        target: Target,
+        uncounted: Callable[[str], Exception] | None = None,
+    ) -> Generator[Step, Any, Reply]:
+        """Runs a call that counts children (attach, move_in, move_out): a level whose
+        hash has no count yet gets the system of record's, and the call is made again.
+
+        Where the system of record keeps no count either, ``uncounted`` makes the
+        refusal; without it the level is left uncounted."""
+        counts: dict[str, int] = {}
+        while True:
+            text = "".join(f"{account}\n{n}\n" for account, n in counts.items())
+            reply = yield from self._run(make(text), target)
+            if reply[0] != Status.UNCOUNTED:
+                return reply
+            level = replies.text(reply[2])
+            if level in counts:
+                return reply
+            snapshot: AccountSnapshot = yield LoadAccount(level)
+            if snapshot.children is None and uncounted is not None:
+                raise uncounted(level)
+            counts[level] = -1 if snapshot.children is None else snapshot.children
 
     def _hydrate(self, keys: AccountKeys, snapshot: AccountSnapshot) -> ScriptCall:
         plan = v.check_plan_name(snapshot.plan)
@@ -125,6 +152,9 @@ class EngineBase:
                 snapshot.cap,
                 snapshot.cap_use,
                 ";".join(f"{r},{v.check_amount(at, name='refilled')}" for r, at in refilled),
+                ""
+                if snapshot.children is None
+                else v.check_amount(snapshot.children, name="children"),
                 *records,
             ],
             extra_keys=record_keys,

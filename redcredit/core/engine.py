@@ -30,6 +30,7 @@ from ..results import (
 from ..scopes import Scope
 from . import grants, replies
 from .calls import checked_model
+from .moves import MoveOperations
 from .steps import LoadAccount, Operation, ScriptCall, check_durable
 from .targets import Target
 from .tree_ops import TreeOperations
@@ -41,7 +42,7 @@ T = TypeVar("T")
 ReservationLike = Reservation | ReservationRef
 
 
-class Engine(TreeOperations):
+class Engine(TreeOperations, MoveOperations):
     """Every operation, validated when made, for one deployment's settings."""
 
     # -- operations ------------------------------------------------------------

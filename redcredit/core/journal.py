@@ -59,6 +59,7 @@ LEDGER_COLUMNS = (
     "cap_window",
     "cap_credits",
     "cap_messages",
+    "children",
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -133,6 +134,8 @@ class JournalEntry:
     cap: str | None = None
     # A capped level: its window's start and what was charged through it then.
     cap_use: tuple[int, int, int] | None = None
+    # 'child': how many children the account has after the entry.
+    children: int | None = None
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -150,8 +153,19 @@ class JournalEntry:
 
     @property
     def touches_tree(self) -> bool:
-        """Places the account in a tree, sets its cap, or changes the cap's use."""
-        return self.root is not None or self.cap is not None or self.cap_use is not None
+        """Places the account in a tree, sets its cap, changes the cap's use or counts
+        its children."""
+        return (
+            self.places
+            or self.cap is not None
+            or self.cap_use is not None
+            or self.children is not None
+        )
+
+    @property
+    def places(self) -> bool:
+        """Puts the account where ``parent`` and ``root`` say (None: a root of its own)."""
+        return self.op in ("attach", "move_in")
 
     def ledger_row(self) -> tuple[Any, ...]:
         grant = self.grant
@@ -186,6 +200,7 @@ class JournalEntry:
             self.root,
             self.cap,
             *(self.cap_use or (None, None, None)),
+            self.children,
         )
 
 
@@ -273,10 +288,12 @@ def parse_entry(stream: Any, stream_id: Any, raw: Any) -> JournalEntry:
         bucket_snapshot=_snapshot(fields.get("bs")),
         level=_optional_int(fields, "lv"),
         via=fields.get("v"),
-        parent=fields.get("pa"),
-        root=fields.get("ro"),
+        # '' in a move's entry: no parent, no root.
+        parent=fields.get("pa") or None,
+        root=fields.get("ro") or None,
         cap=fields.get("K"),
         cap_use=(
             (int(fields["kw"]), int(fields["kc"]), int(fields["km"])) if "kw" in fields else None
         ),
+        children=_optional_int(fields, "Z"),
     )

@@ -74,6 +74,9 @@ class AccountSnapshot:
     # markers, so a reloaded account refills neither twice in a period nor
     # never.
     refilled: tuple[tuple[str, int], ...] = ()
+    # How many children it has in its tree (docs/scopes.md); None when the
+    # system of record keeps no count (a schema before migration 0006).
+    children: int | None = 0
 
 
 class AccountLoader(Protocol):

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from ..errors import (
     AccountHasHistory,
+    AccountMoved,
     AlreadyApplied,
     BalanceOverflow,
     CapReached,
@@ -23,6 +24,8 @@ from ..errors import (
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
+    MoveReason,
+    MoveRefused,
     NotInScope,
     RateLimited,
     RedCreditError,
@@ -56,6 +59,8 @@ __all__ = [
     "grant_change",
     "has_history",
     "limit_reset",
+    "move_refused",
+    "moved",
     "plan_change",
     "refusal",
     "reservation",
@@ -96,6 +101,16 @@ class Status(IntEnum):
     # The account is in a tree and was named without its path.
     IN_TREE = 18
     HAS_HISTORY = 19
+    # The account left this place: its tombstone names where it went.
+    MOVED = 20
+    HAS_CHILDREN = 21
+    HAS_HOLDS = 22
+    # Live holds on the path's ancestors whose reservation records the
+    # caller must name before a move can tell whether they are the account's.
+    HOLDS_UNKNOWN = 23
+    # A hash made before the count of children: pass the system of record's.
+    UNCOUNTED = 24
+    MOVE_BUSY = 25
 
 
 # A bypassing plan's balances in replies (-2**53): with an overdraft a real
@@ -176,6 +191,21 @@ def refusal(
             return ScopeRequired(account=account, root=text(reply[2]))
         case Status.HAS_HISTORY:
             return has_history(account)
+        case Status.MOVED:
+            return moved(account, text(reply[2]), text(reply[3]))
+        case Status.HAS_CHILDREN:
+            return move_refused(account, "children", f"it has {int(reply[2])} children")
+        case Status.HAS_HOLDS | Status.HOLDS_UNKNOWN:
+            return move_refused(account, "holds", "it has a live reservation")
+        case Status.UNCOUNTED:
+            return move_refused(
+                account, "uncounted", f"{text(reply[2])!r}'s children are not counted"
+            )
+        case Status.MOVE_BUSY:
+            move_id = text(reply[2]) or None
+            return move_refused(
+                account, "busy", f"another move of it ({move_id!r}) is half-done", move_id
+            )
         case Status.RES_NOT_FOUND:
             return ReservationNotFound(
                 f"no reservation {reservation_id} for account {account!r} "
@@ -227,6 +257,27 @@ def has_history(account: str) -> AccountHasHistory:
         f"account {account!r} has balances or a history of its own: only a new "
         "account can be attached to a tree",
         account=account,
+    )
+
+
+def moved(account: str, level: str, destination: str) -> AccountMoved:
+    """The refusal of a call on a place ``level`` moved away from (its tombstone's
+    destination: the new parent's path, '\n'-separated; '' a root of its own)."""
+    to = tuple(destination.split("\n")) if destination else None
+    where = "a root of its own" if to is None else "under " + "/".join(to)
+    return AccountMoved(
+        f"account {level!r} was moved: it is {where} now (call for {account!r})",
+        account=account,
+        to=to,
+    )
+
+
+def move_refused(
+    account: str, reason: MoveReason, why: str, move_id: str | None = None
+) -> MoveRefused:
+    """A move refused, before any I/O or by a script; nothing was changed."""
+    return MoveRefused(
+        f"account {account!r} cannot move: {why}", account=account, reason=reason, move_id=move_id
     )
 
 

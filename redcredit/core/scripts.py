@@ -32,6 +32,8 @@ SCRIPT_NAMES = (
     "extend",
     "grant",
     "hydrate",
+    "move_in",
+    "move_out",
     "rebase",
     "reserve",
     "reset_limits",
@@ -43,7 +45,16 @@ SCRIPT_NAMES = (
 # Sent, in this order, before each of SCRIPT_NAMES.
 PRELUDE_NAMES = ("_prelude", "_buckets", "_scopes")
 # Scripts of the syncer and maintenance: they share none of the prelude.
-STANDALONE_NAMES = ("ack", "evict", "join", "sync_lease", "sync_members")
+STANDALONE_NAMES = (
+    "ack",
+    "evict",
+    "join",
+    "locate",
+    "move_done",
+    "restub",
+    "sync_lease",
+    "sync_members",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,17 +62,24 @@ class TreeOperations(EngineBase):
             raise ScopeRequired(account=account, root=replies.text(joined[2]))
         if joined[0] == Status.HAS_HISTORY:
             raise replies.has_history(account)
-        call = self._call(
-            "attach",
-            target,
-            idempotency_key,
-            f"attach:{'/'.join(scope.path)}",
+        plan = v.check_plan_name(snapshot.plan)
+
+        def call(counts: str) -> ScriptCall:
             # A member opens empty, whatever the free tier: its ancestors pay for
             # it until it is granted credits of its own.
-            [0, 0, v.check_plan_name(snapshot.plan)],
-        )
-        parse = partial(_attached, account=account, path=scope.path)
-        return (yield from self._run_parsed(call, target, parse))
+            return self._call(
+                "attach",
+                target,
+                idempotency_key,
+                f"attach:{'/'.join(scope.path)}",
+                [0, 0, plan, counts],
+            )
+
+        reply = yield from self._run_counted(call, target)
+        refused = replies.refusal(reply, account)
+        if refused is not None:
+            raise refused
+        return _attached(reply, account=account, path=scope.path)
 
     def set_cap(
         self,

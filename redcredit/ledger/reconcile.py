@@ -149,7 +149,7 @@ def _check(
     report.rebased = sorted(set(report.rebased) | closed)
     journal = _journal(topology, keys, accounts)
     report.journal_entries = sum(len(v) for v in journal.values())
-    live, packed, places, now_ms = _redis_states(topology, keys, ordered, homes)
+    live, packed, places, half_done, now_ms = _redis_states(topology, keys, ordered, homes)
     moving: set[str] = set()
     for account in ordered:
         pg_state = pg.get(account)
@@ -167,6 +167,14 @@ def _check(
         )
         redis_state = live.get(account)
         problems: list[str] = []
+        if account in half_done:
+            move_id, destination = half_done[account]
+            where = "/".join(destination.split("\n")) or "a root of its own"
+            problems.append(
+                f"a move to {where} is half-done: its snapshot waits in its tombstone; "
+                f"finish it with `redcredit move {account} --key {move_id}` and the same "
+                "destination"
+            )
         pending = [f for f in known if f.is_open]
         if pending:
             problems.append(
@@ -207,7 +215,8 @@ def _check(
 def _may_be_in_flight(problems: list[str]) -> bool:
     # A syncer committing between our reads makes the ledger briefly disagree;
     # a fork is re-based by the syncer right after it finds it.
-    return any("ledger" in p or "re-base is pending" in p for p in problems)
+    # A move in progress leaves its tombstone for the moment between its steps.
+    return any("ledger" in p or "re-base is pending" in p or "half-done" in p for p in problems)
 
 
 def _ledger_problems(pg_state: AccountState, sums: LedgerSums) -> list[str]:
@@ -331,10 +340,13 @@ def _journal(
 
 def _redis_states(
     topology: Topology, keys: KeySpace, accounts: list[str], homes: dict[str, set[str]]
-) -> tuple[dict[str, AccountState], dict[str, bytes], dict[str, TreePlace], int]:
+) -> tuple[
+    dict[str, AccountState], dict[str, bytes], dict[str, TreePlace], dict[str, tuple[str, str]], int
+]:
     """Each account's balances, plan and sequence number, its packed buckets (field B)
-    and its place in its tree; and the server's time, in ms, that judges caps' windows."""
-    fields = ("c", "m", "p", "s", "B", *REDIS_TREE_FIELDS)
+    and its place in its tree; the moves left half-done (the tombstone's move id and
+    destination); and the server's time, in ms, that judges caps' windows."""
+    fields = ("c", "m", "p", "s", "B", "M", "F", "D", *REDIS_TREE_FIELDS)
     # Read before the accounts: a window that turns meanwhile can only have
     # turned for both sides alike.
     clock = keys.journals()[0]
@@ -347,12 +359,14 @@ def _redis_states(
     replies = run_commands(topology, reads).checked()
     seconds, micros = replies[0]
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    states, packed, places = {}, {}, {}
+    states, packed, places, half_done = {}, {}, {}, {}
     for account, values in zip(read_for[1:], replies[1:], strict=True):
         if values[0] is not None:
             plan = values[2].decode() if isinstance(values[2], bytes) else values[2]
             states[account] = (int(values[0]), int(values[1]), plan, int(values[3]))
             if values[4] is not None:
                 packed[account] = values[4]
-            places[account] = TreePlace.from_redis(values[5:])
-    return states, packed, places, now_ms
+            places[account] = TreePlace.from_redis(values[8:])
+        elif values[5] is not None and values[6] is None:
+            half_done[account] = (text(values[5]), text(values[7] or b""))
+    return states, packed, places, half_done, now_ms

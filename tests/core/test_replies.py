@@ -11,6 +11,7 @@ from redcredit.core.replies import OUTCOMES, Outcome, Status
 from redcredit.core.scripts import SCRIPT_NAMES, lua_dir
 from redcredit.errors import (
     AccountHasHistory,
+    AccountMoved,
     AlreadyApplied,
     BalanceOverflow,
     CapReached,
@@ -20,6 +21,7 @@ from redcredit.errors import (
     IdempotencyConflict,
     InsufficientChatMessages,
     InsufficientCredits,
+    MoveRefused,
     NotInScope,
     RateLimited,
     RedCreditError,
@@ -118,6 +120,12 @@ _REFUSALS: list[tuple[list[object], type[RedCreditError]]] = [
     ([Status.NOT_IN_SCOPE, 0, b"alice", b"other"], NotInScope),
     ([Status.IN_TREE, 0, b"acme"], ScopeRequired),
     ([Status.HAS_HISTORY, 0], AccountHasHistory),
+    ([Status.MOVED, 0, b"acct", b"acme\nops"], AccountMoved),
+    ([Status.HAS_CHILDREN, 0, 2], MoveRefused),
+    ([Status.HAS_HOLDS, 0], MoveRefused),
+    ([Status.HOLDS_UNKNOWN, 0, b"ab" * 16], MoveRefused),
+    ([Status.UNCOUNTED, 0, b"acct"], MoveRefused),
+    ([Status.MOVE_BUSY, 0, b"move-1"], MoveRefused),
 ]
 
 

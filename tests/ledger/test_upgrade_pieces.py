@@ -121,7 +121,7 @@ def test_the_migration_never_deadlocks_with_a_loader_beside_it(
             # The loader's second read, while the migration holds the ledger's lock.
             loader.execute(f"SELECT count(*) FROM {s}.ledger").fetchone()
             loader.commit()
-            assert running.result(timeout=60) == [4, 5]
+            assert running.result(timeout=60) == [4, 5, 6]
 
 
 def test_a_new_syncer_started_before_the_migration_waits_for_it(
@@ -149,7 +149,7 @@ def test_a_new_syncer_started_before_the_migration_waits_for_it(
         # Nothing written, nothing acknowledged: every entry waits in Redis.
         assert (lag.caught_up, lag.entries) == (False, 25)
         assert "is the schema migrated? `redcredit migrate`" in caplog.text
-        assert migrate(pg, pg_schema) == [4, 5]
+        assert migrate(pg, pg_schema) == [4, 5, 6]
         assert syncer.drain(timeout_s=30).caught_up
         assert assert_persisted_exactly(redis_client, settings, pg) == 5
 

@@ -50,6 +50,7 @@ from redcredit import (
     IdempotencyConflict,
     InsufficientCredits,
     InvalidInput,
+    MoveRefused,
     RedCredit,
     RedCreditError,
     ReservationNotFound,
@@ -454,6 +455,15 @@ def cases_for(method: str, live: ReservationRef) -> list[Case]:
             *[Case("scope", value, "Scope") for value in ("acme", Scope("acme"), None, 3)],
             *keys,
         ],
+        "move": [
+            *accounts,
+            *[Case("to", value, "to") for value in ("acme", 3, ("acme",), [])],
+            # In its own subtree, or past four levels: refused before any I/O.
+            Case("to", Scope("hostile-root", VICTIM), "subtree", MoveRefused),
+            Case("to", Scope("a", "b", "c", "d"), "levels", MoveRefused),
+            *[case for case in keys if case.value is not None],
+            Case("idempotency_key", None, "idempotency_key"),
+        ],
         "set_cap": [
             *accounts,
             *[Case("cap", value, "cap") for value in ("1000", 1000, {"credits": 1}, Scope("a"))],
@@ -483,6 +493,7 @@ EXEMPT = {
 METHODS = sorted(
     {
         "attach",
+        "move",
         "set_cap",
         "spend",
         "chat_turn",
@@ -531,6 +542,8 @@ def base_kwargs(method: str, param: str, live: ReservationRef) -> dict[str, obje
         return {"scope": Scope("hostile-root", VICTIM)}
     if method == "set_cap":
         return {"account": VICTIM, "cap": Cap(credits=1)}
+    if method == "move":
+        return {"account": VICTIM, "to": Scope("hostile-root"), "idempotency_key": "mv-1"}
     return {"account": VICTIM}
 
 

@@ -121,14 +121,17 @@ def apply_entries(
 def apply_tree_entries(
     conn: psycopg.Connection[Any], schema: str, entries: Sequence[JournalEntry]
 ) -> None:
-    """Where accounts sit in their trees, their caps and the caps' use, from new entries:
-    the newest of each kind per account wins."""
+    """Where accounts sit in their trees, their caps, the caps' use and their children,
+    from new entries: the newest of each kind per account wins."""
     placed: dict[str, tuple[int, str | None, str | None]] = {}
     capped: dict[str, tuple[int, str | None]] = {}
     used: dict[str, tuple[int, tuple[int | None, int | None, int | None]]] = {}
+    counted: dict[str, int] = {}
     for e in sorted(entries, key=lambda entry: entry.seq):
-        if e.root is not None:
+        if e.places:
             placed[e.account] = (e.seq, e.parent, e.root)
+        if e.children is not None:
+            counted[e.account] = e.children
         if e.cap is not None:
             capped[e.account] = (e.seq, e.cap or None)
         if e.cap_use is not None:
@@ -150,6 +153,11 @@ def apply_tree_entries(
             cursor.executemany(
                 sql.SQL("UPDATE {}.accounts SET cap = %s WHERE account = %s").format(table),
                 [(cap, a) for a, (_s, cap) in sorted(capped.items())],
+            )
+        if counted:
+            cursor.executemany(
+                sql.SQL("UPDATE {}.accounts SET children = %s WHERE account = %s").format(table),
+                [(n, a) for a, n in sorted(counted.items())],
             )
         if used:
             cursor.executemany(

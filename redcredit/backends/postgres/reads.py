@@ -49,7 +49,8 @@ RESTORED_KEYS_MAX = 1_000
 @lru_cache(maxsize=16)
 def _account_query(schema: str) -> sql.Composed:
     """The account's row, whether the schema has the buckets table yet, and the
-    account's place in its tree and its cap (NULL before migration 0005).
+    account's place in its tree and its cap (NULL before migration 0005), and
+    its children (NULL before 0006).
 
     Parameters: the account, the schema. During a rolling upgrade new
     clients may load accounts before ``redcredit migrate`` has run 0004: a
@@ -64,7 +65,10 @@ def _account_query(schema: str) -> sql.Composed:
         # Read by name from the row: a schema before 0005 has no tree columns.
         "to_jsonb(a) ->> 'parent', to_jsonb(a) ->> 'root', to_jsonb(a) ->> 'cap', "
         "(to_jsonb(a) ->> 'cap_window')::bigint, (to_jsonb(a) ->> 'cap_credits')::bigint, "
-        "(to_jsonb(a) ->> 'cap_messages')::bigint "
+        "(to_jsonb(a) ->> 'cap_messages')::bigint, "
+        # NULL before 0006 (no count kept); after it, NULL is none counted.
+        "CASE WHEN to_jsonb(a) ? 'children' "
+        "THEN COALESCE((to_jsonb(a) ->> 'children')::bigint, 0) END "
         "FROM {}.accounts AS a WHERE account = %s"
     ).format(sql.Identifier(schema))
 
@@ -186,7 +190,8 @@ def snapshot_from_row(
     """
     if row is None:
         return defaults
-    credits, chat_messages, plan, last_seq, parent, root, cap, window, charged, messages = row
+    credits, chat_messages, plan, last_seq, parent, root, cap, window, charged, messages = row[:10]
+    children = row[10] if len(row) > 10 else 0
     cap_use = "" if window is None else f"{window},{charged},{messages}"
     # Rows imported from an older system may hold NULLs: they count as 0.
     return AccountSnapshot(
@@ -204,6 +209,7 @@ def snapshot_from_row(
         cap=cap or "",
         cap_use=cap_use if cap else "",
         refilled=refilled,
+        children=children,
     )
 
 

@@ -30,7 +30,18 @@ CHARGES = {"spend", "turn", "chat", "settle"}
 # And those that bring credits in or take them away without a call's cost.
 INCOME = {"open", "attach", "grant", "effective", "correct", "refill"}
 TAKEN = {"void", "expire"}
-NEUTRAL = {"plan", "cap", "reserve", "extend", "release", "lapse", "limit_reset"}
+NEUTRAL = {
+    "plan",
+    "cap",
+    "reserve",
+    "extend",
+    "release",
+    "lapse",
+    "limit_reset",
+    "child",
+    "move_out",
+    "move_in",
+}
 
 
 def members() -> list[Scope]:
