@@ -52,15 +52,9 @@ VARIANTS = (
         "    if i == 1 or paid_c[i] > 0 or paid_m[i] > 0 or covered[i] then",
     ),
     (
-        "without the balances' HSET of a level they did not change",
-        "      save_balances()\n      local fields = {}",
-        "      if paid_c[i] > 0 or paid_m[i] > 0 then save_balances() end\n      local fields = {}",
-    ),
-    (
         "without the cap's HSET",
-        "  redis.call('HSET', ctx.acct, 'Kw', cap.start, 'Kc', cap.used_c, 'Km', cap.used_m,\n"
-        "    'Kh', cap.held)\n",
-        "",
+        "  redis.call(unpack(writes))\n  return {'kw'",
+        "  return {'kw'",
     ),
     (
         "without the ancestors' catch-up (holds, bucket events, plan, refills)",
